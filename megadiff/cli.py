@@ -1,0 +1,61 @@
+"""The `megadiff` command line.
+
+Each command group lives in its own module exposing ``register(subparsers)``; that module keeps
+heavy imports (torch, megatron, ray, mlflow) inside its handlers so `--help` and config checks
+stay fast on a login node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from megadiff import MegadiffError, __version__
+
+# group name -> module with register(subparsers). Order is the order shown in --help.
+COMMAND_MODULES = [
+    "megadiff.commands.demo",
+    "data_pipelines.cli",
+    "megadiff.model.cli",
+    "megadiff.train.cli",
+    "megadiff.eval.cli",
+    "megadiff.tracking.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megadiff",
+        description="Distributed pretraining of masked-diffusion language models on megatron-core.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `megadiff COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"megadiff {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MegadiffError as e:
+        print(f"megadiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,330 @@
+"""The typed config tree (omegaconf structured configs).
+
+One dataclass per concern; each field carries its meaning in the comment after it. A run's
+config is ``MegadiffConfig``: YAML recipes in ``configs/`` fill it, ``key=value`` dotlist
+overrides from the command line refine it, and :func:`load_config` checks it: an unknown key
+or a wrong type fails with a message naming the key and what is allowed.
+
+This module imports no torch, megatron or ray, so configs load on a login node in a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from megadiff import MegadiffError
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING  # short name, used in the manifest's per-source statistics
+    paths: List[str] = field(default_factory=list)  # globs or fsspec URLs of .txt/.jsonl[.gz|.zst]/.parquet
+    format: str = "auto"  # auto | txt | jsonl | parquet (auto: by file suffix)
+    text_field: str = "text"  # field holding the document text in jsonl/parquet
+    weight: float = 1.0  # mixture weight: documents are repeated floor(w) times + a seeded fraction
+    doc_split: str = "file"  # file: one document per file | blank_line: split .txt at blank lines
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "bpe"  # bpe: train a byte-level BPE here | gpt2: GPT-2 ranks + [MASK] | file: path below
+    path: Optional[str] = None  # tokenizer.json to use (kind=file) or where the trained one is written
+    vocab_size: int = 8192  # target vocab for kind=bpe (special tokens included)
+    sample_bytes: int = 50_000_000  # corpus bytes read to train the BPE
+
+
+@dataclass
+class DatasetRef:
+    path: str = MISSING  # directory holding manifest.json
+    split: str = "train"  # split inside the manifest
+    weight: float = 1.0  # mixture weight across datasets (loader)
+
+
+@dataclass
+class DataConfig:
+    # --- pipeline (raw text -> shards), used by `megadiff data tokenize`
+    sources: List[SourceConfig] = field(default_factory=list)
+    out_dir: str = "runs/data"  # where shards + manifest.json are written
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 512  # tokens per packed sample
+    min_chars: int = 1  # filter: drop documents shorter than this (after normalization)
+    max_chars: int = 10_000_000  # filter: drop documents longer than this
+    valid_fraction: float = 0.01  # documents (by content hash) written to the 'valid' split
+    samples_per_shard: int = 2048  # packed samples per .tar shard
+    num_workers: int = 2  # Ray workers (parallelism of the tokenize stage)
+    seed: int = 1234  # seeds mixture sampling and the valid split
+    # --- loader (shards -> batches), used by training and evaluation
+    train: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: train}]
+    valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]
+    shuffle_seed: int = 1234
+    skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # size preset (see `megadiff model info --list`); fills the fields below
+    arch: str = "llama"  # llama (RMSNorm, SwiGLU, RoPE, no bias, GQA) | gpt2 (LayerNorm, GELU, learned pos)
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups (None = MHA)
+    ffn_hidden_size: Optional[int] = None  # None: 4h (gpt2) or SwiGLU 8h/3 rounded to 64 (llama)
+    max_seq_len: int = 512
+    vocab_size: Optional[int] = None  # real vocab incl. [MASK]; None = read from the data manifest
+    tie_embeddings: bool = True
+    attention_backend: str = "auto"  # auto | sdpa | flash | te
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    causal: bool = False  # True only for the autoregressive baseline objective (set automatically)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token)
+    schedule: str = "loglinear"  # loglinear | linear | cosine | poly
+    schedule_power: float = 1.0  # exponent of the poly schedule
+    eps: float = 1e-3  # t ~ U(eps, 1)
+    antithetic: bool = True  # low-discrepancy time sampling across the global batch
+    random_length_prob: float = 0.0  # LLaDA: with this probability crop the batch to a random length
+    seed: int = 0  # corruption noise is a function of (seed, step, global sample index)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: str = "cosine"  # cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+    decay_norms_and_embeddings: bool = False  # weight decay on norms/biases/embeddings
+
+
+# ----------------------------------------------------------------------------- parallelism
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    sequence_parallel: bool = False  # needs TE or apex norms
+    distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    overlap_grad_reduce: bool = False
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"  # checkpoints, logs, config, MLflow store (if no URI given)
+    max_steps: int = 1000
+    micro_batch: int = 8  # sequences per micro batch per data-parallel rank
+    global_batch: int = 32  # = micro_batch x grad accumulation x DP (checked)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1234  # model init
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables
+    eval_batches: int = 8  # validation micro batches per eval
+    eval_n_t: int = 8  # time points per sequence in the eval NELBO
+    save_interval: int = 100  # 0 disables periodic saves (a final save still happens)
+    keep_last: int = 3  # retention: keep the last K checkpoints
+    keep_every: int = 0  # ... and every M-th step (0: none)
+    async_save: bool = True  # GPU only
+    max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
+    nan_max_consecutive: int = 5  # abort after this many non-finite steps in a row
+    peak_tflops: float = 0.0  # for MFU; 0 = detect (bf16 dense datasheet peak of known GPUs)
+    progress: bool = True
+    num_samples: int = 2  # samples generated at the end of training (0: none)
+    sample_steps: int = 64
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<run_dir>/mlflow.db
+    experiment: str = "megadiff"
+    run_name: Optional[str] = None
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class MegadiffConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.tokenizer.kind": ("bpe", "gpt2", "file"),
+    "model.arch": ("llama", "gpt2"),
+    "model.attention_backend": ("auto", "sdpa", "flash", "te"),
+    "diffusion.objective": ("mdlm", "llada", "ar"),
+    "diffusion.schedule": ("loglinear", "linear", "cosine", "poly"),
+    "optim.lr_schedule": ("cosine", "wsd", "constant"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _fields_of(node: Any) -> list[str]:
+    t = OmegaConf.get_type(node)
+    if t is not None and dataclasses.is_dataclass(t):
+        return [f.name for f in dataclasses.fields(t)]
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> MegadiffError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        parent_key = key.rsplit(".", 1)[0] if "." in key else ""
+        parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+        allowed = ", ".join(_fields_of(parent)) if parent is not None else "?"
+        return MegadiffError(
+            f"{source}: unknown config key {key!r}. Allowed keys in "
+            f"{parent_key or 'the top level'}: {allowed}"
+        )
+    return MegadiffError(f"{source}: bad value for config key {key!r}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MegadiffConfig:
+    """Load a YAML recipe, apply ``key=value`` overrides, check types, keys and choices.
+
+    Returns a typed ``MegadiffConfig`` (an omegaconf DictConfig acting as the dataclass).
+    """
+    schema = OmegaConf.structured(MegadiffConfig)
+    cfg = schema
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
+            try:
+                loaded = OmegaConf.load(p)
+            except Exception as e:  # yaml syntax errors
+                raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            cfg = OmegaConf.merge(cfg, loaded)
+        for ov in overrides or []:
+            if "=" not in ov:
+                raise MegadiffError(f"override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, str(path) if path else "overrides") from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def validate(cfg: Any) -> None:
+    """Check choice fields and cross-field rules; raise MegadiffError naming the key."""
+    for key, allowed in CHOICES.items():
+        val = OmegaConf.select(cfg, key)
+        if val not in allowed:
+            raise MegadiffError(f"config key {key!r} is {val!r}; allowed values: {', '.join(allowed)}")
+    for i, src in enumerate(cfg.data.sources):
+        if src.format not in ("auto", "txt", "jsonl", "parquet"):
+            raise MegadiffError(
+                f"config key 'data.sources[{i}].format' is {src.format!r}; allowed values: auto, txt, jsonl, parquet"
+            )
+        if src.doc_split not in ("file", "blank_line"):
+            raise MegadiffError(
+                f"config key 'data.sources[{i}].doc_split' is {src.doc_split!r}; allowed values: file, blank_line"
+            )
+        if src.weight <= 0:
+            raise MegadiffError(f"config key 'data.sources[{i}].weight' must be > 0, got {src.weight}")
+    positive = {
+        "data.seq_len": cfg.data.seq_len,
+        "trainer.micro_batch": cfg.trainer.micro_batch,
+        "trainer.global_batch": cfg.trainer.global_batch,
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "model.num_layers": cfg.model.num_layers,
+        "model.hidden_size": cfg.model.hidden_size,
+    }
+    for key, val in positive.items():
+        if val <= 0:
+            raise MegadiffError(f"config key {key!r} must be positive, got {val}")
+    if not 0.0 <= cfg.data.valid_fraction < 1.0:
+        raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
+    if not 0.0 < cfg.diffusion.eps < 1.0:
+        raise MegadiffError(f"config key 'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}")
+
+
+def check_batch_layout(cfg: Any, dp: int) -> int:
+    """Return gradient-accumulation steps; fail unless global = micro x accum x DP."""
+    mb, gb = cfg.trainer.micro_batch, cfg.trainer.global_batch
+    if gb % (mb * dp) != 0:
+        raise MegadiffError(
+            f"trainer.global_batch={gb} must be a multiple of trainer.micro_batch x data-parallel size "
+            f"= {mb} x {dp} = {mb * dp}; e.g. set trainer.global_batch={mb * dp * max(1, gb // (mb * dp))}"
+        )
+    return gb // (mb * dp)
+
+
+def default_dataset_refs(cfg: Any) -> None:
+    """Fill data.train / data.valid from data.out_dir when the recipe leaves them empty."""
+    if not cfg.data.train:
+        cfg.data.train = [DatasetRef(path=cfg.data.out_dir, split="train")]
+    if not cfg.data.valid:
+        cfg.data.valid = [DatasetRef(path=cfg.data.out_dir, split="valid")]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """Flatten the resolved config into ``{"a.b.c": value}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def rec(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                rec(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list):
+            out[prefix] = repr(node)
+        else:
+            out[prefix] = node
+
+    rec("", OmegaConf.to_container(cfg, resolve=True))
+    return out
+
+
+def from_yaml_text(text: str) -> MegadiffConfig:
+    """Rebuild a typed config from YAML saved beside an output (checkpoint, shards)."""
+    return OmegaConf.merge(OmegaConf.structured(MegadiffConfig), OmegaConf.create(text))  # type: ignore[return-value]
