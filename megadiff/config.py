@@ -172,7 +172,8 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<run_dir>/mlflow.db
     experiment: str = "megadiff"
     run_name: Optional[str] = None
-    tags: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # extra MLflow tags (sweeps set megadiff.sweep_id, N, D, C, ...)
+    parent_run_id: Optional[str] = None  # nest this run under a parent MLflow run (sweeps)
 
 
 @dataclass
