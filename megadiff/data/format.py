@@ -1,0 +1,302 @@
+"""The on-disk shard format: the only contract between `data_pipelines/` (Ray) and the loader.
+
+A dataset directory holds ``manifest.json``, a copy of the tokenizer (``tokenizer-<sha8>.json``)
+and webdataset-compatible tar shards ``<split>-<NNNNNN>.tar``. Each tar member is one packed
+sample ``<split>-<NNNNNN>-<MMMMMM>.npy``: a 1-D token array of ``seq_len`` entries (uint16 when
+the vocab has < 65536 entries, else uint32). Tar members carry fixed metadata (mtime 0, uid/gid
+0, mode 0644, USTAR), so the same samples give the same bytes. See docs/data_format.md.
+
+stdlib + numpy only (no torch, no ray): importable anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megadiff import MegadiffError
+from megadiff.utils.io import sha256_file
+
+FORMAT_NAME = "megadiff-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "valid")
+REGEN_HINT = "re-run `megadiff data tokenize` with the same config to rewrite it"
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What a consumer needs to know about a dataset directory (Contract 1)."""
+
+    vocab_size: int
+    mask_id: int
+    pad_id: int
+    eos_id: int
+    bos_id: int
+    seq_len: int
+    dtype: str
+    tokenizer_path: str
+    tokenizer_sha256: str
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size < 65536 else "uint32"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, shard_index: int, j: int) -> str:
+    """webdataset key of sample j in a shard (no dots: the extension starts at the first dot)."""
+    return f"{split}-{shard_index:06d}-{j:06d}"
+
+
+def npy_header(dtype: str, seq_len: int) -> bytes:
+    """The exact .npy header (magic + version + dict + padding) of one sample."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros(seq_len, dtype=dtype), version=(1, 0), allow_pickle=False)
+    return buf.getvalue()[: -seq_len * np.dtype(dtype).itemsize]
+
+
+def shard_bytes(split: str, shard_index: int, samples: np.ndarray) -> bytes:
+    """Serialize ``samples`` [n, seq_len] (already in the token dtype) as one deterministic tar."""
+    if samples.ndim != 2:
+        raise ValueError(f"samples must be [n, seq_len], got shape {samples.shape}")
+    header = npy_header(samples.dtype.name, samples.shape[1])
+    samples = np.ascontiguousarray(samples)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for j in range(samples.shape[0]):
+            payload = header + samples[j].tobytes()
+            ti = tarfile.TarInfo(f"{sample_key(split, shard_index, j)}.npy")
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
+            tar.addfile(ti, io.BytesIO(payload))
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``<dir>/manifest.json``; raise MegadiffError naming the file and the fix."""
+    d = Path(path)
+    mf = d / MANIFEST_NAME if d.is_dir() or not str(d).endswith(".json") else d
+    if not mf.is_file():
+        if d.is_dir() and any(d.glob("*.tar")):
+            raise MegadiffError(
+                f"{mf} not found but {d} holds shards: the pipeline did not finish (the manifest is written "
+                f"last); {REGEN_HINT} (existing complete shards are kept)"
+            )
+        raise MegadiffError(f"{mf} not found; build the dataset with `megadiff data tokenize CONFIG data.out_dir={d}`")
+    try:
+        m = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MegadiffError(f"{mf} is not valid JSON ({e}); {REGEN_HINT}") from None
+    validate_manifest(m, mf)
+    return m
+
+
+def validate_manifest(m: Any, where: str | os.PathLike) -> None:
+    """Check the manifest's schema: required keys, types, version, per-split shard entries."""
+
+    def need(obj: Any, key: str, typ: type | tuple[type, ...], ctx: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise MegadiffError(f"{where}: missing key {ctx}{key!r}; {REGEN_HINT}")
+        if not isinstance(obj[key], typ) or isinstance(obj[key], bool) and typ is not bool:
+            raise MegadiffError(f"{where}: key {ctx}{key!r} has type {type(obj[key]).__name__}; {REGEN_HINT}")
+        return obj[key]
+
+    if need(m, "format", str, "") != FORMAT_NAME:
+        raise MegadiffError(f"{where}: not a megadiff manifest (format={m.get('format')!r})")
+    version = need(m, "version", int, "")
+    if version != FORMAT_VERSION:
+        raise MegadiffError(
+            f"{where}: format version {version} is not supported by this megadiff (reads version "
+            f"{FORMAT_VERSION}); {REGEN_HINT} or use the megadiff release that wrote it"
+        )
+    tok = need(m, "tokenizer", dict, "")
+    need(tok, "file", str, "tokenizer.")
+    need(tok, "sha256", str, "tokenizer.")
+    vocab = need(m, "vocab_size", int, "")
+    ids = need(m, "special_ids", dict, "")
+    for k in ("mask", "pad", "eos", "bos"):
+        v = need(ids, k, int, "special_ids.")
+        if not 0 <= v < vocab:
+            raise MegadiffError(f"{where}: special_ids.{k}={v} is outside the vocab [0, {vocab})")
+    if need(m, "seq_len", int, "") <= 0:
+        raise MegadiffError(f"{where}: seq_len must be positive")
+    if need(m, "dtype", str, "") != token_dtype(vocab):
+        raise MegadiffError(f"{where}: dtype {m['dtype']!r} does not match vocab_size {vocab}")
+    splits = need(m, "splits", dict, "")
+    for name, sp in splits.items():
+        for i, sh in enumerate(need(sp, "shards", list, f"splits.{name}.")):
+            for k, t in (("file", str), ("samples", int), ("tokens", int), ("bytes", int), ("sha256", str)):
+                need(sh, k, t, f"splits.{name}.shards[{i}].")
+
+
+def manifest_info(m: dict[str, Any], directory: str | os.PathLike) -> ManifestInfo:
+    ids = m["special_ids"]
+    return ManifestInfo(
+        vocab_size=m["vocab_size"],
+        mask_id=ids["mask"],
+        pad_id=ids["pad"],
+        eos_id=ids["eos"],
+        bos_id=ids["bos"],
+        seq_len=m["seq_len"],
+        dtype=m["dtype"],
+        tokenizer_path=str(Path(directory) / m["tokenizer"]["file"]),
+        tokenizer_sha256=m["tokenizer"]["sha256"],
+    )
+
+
+def check_compat(
+    info: ManifestInfo,
+    vocab_size: int | None = None,
+    mask_id: int | None = None,
+    tokenizer_sha256: str | None = None,
+) -> None:
+    """Fail with a MegadiffError naming the file and the fix if the data does not fit the model.
+
+    ``vocab_size``: the model's real vocab (incl. [MASK]); ``mask_id``: the id the diffusion uses;
+    ``tokenizer_sha256``: the tokenizer the model was trained with (e.g. from a checkpoint).
+    """
+    where = Path(info.tokenizer_path).parent / MANIFEST_NAME
+    if vocab_size is not None and vocab_size != info.vocab_size:
+        raise MegadiffError(
+            f"{where}: the data was tokenized with a vocab of {info.vocab_size} ({info.tokenizer_path}) but the "
+            f"model has vocab_size={vocab_size}; set model.vocab_size={info.vocab_size} (or null to read it from "
+            f"the manifest), or re-tokenize the data with the model's tokenizer"
+        )
+    if mask_id is not None and mask_id != info.mask_id:
+        raise MegadiffError(
+            f"{where}: the data's [MASK] id is {info.mask_id} ({info.tokenizer_path}) but the model uses "
+            f"mask_id={mask_id}; take the mask id from the manifest, or re-tokenize with the model's tokenizer"
+        )
+    if tokenizer_sha256 is not None and tokenizer_sha256 != info.tokenizer_sha256:
+        raise MegadiffError(
+            f"{where}: tokenizer {info.tokenizer_path} (sha256 {info.tokenizer_sha256[:12]}...) differs from the "
+            f"model's tokenizer (sha256 {tokenizer_sha256[:12]}...); re-tokenize the data with the model's "
+            f"tokenizer (data.tokenizer.kind=file data.tokenizer.path=...)"
+        )
+
+
+def verify_dir(path: str | os.PathLike, splits: tuple[str, ...] | None = None) -> list[str]:
+    """Check every shard (exists, size, sha256) and the tokenizer copy; return the problems found."""
+    d = Path(path)
+    m = read_manifest(d)
+    problems = []
+    tok = d / m["tokenizer"]["file"]
+    if not tok.is_file():
+        problems.append(f"{tok}: tokenizer copy missing")
+    elif sha256_file(tok) != m["tokenizer"]["sha256"]:
+        problems.append(f"{tok}: sha256 mismatch")
+    for name, sp in m["splits"].items():
+        if splits and name not in splits:
+            continue
+        for sh in sp["shards"]:
+            f = d / sh["file"]
+            if not f.is_file():
+                problems.append(f"{f}: missing")
+            elif f.stat().st_size != sh["bytes"]:
+                problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {sh['bytes']} (truncated?)")
+            elif sha256_file(f) != sh["sha256"]:
+                problems.append(f"{f}: sha256 mismatch")
+    return problems
+
+
+def index_shard(path: str | os.PathLike, split: str, shard_index: int, expected: int) -> np.ndarray:
+    """Offsets of the .npy payloads of a shard's samples, in member order.
+
+    Members whose header is unreadable or whose name is not the expected key get offset -1
+    (a truncated or corrupt tail gives -1 for every sample after the damage).
+    """
+    offsets = np.full(expected, -1, dtype=np.int64)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for j, ti in enumerate(tar):
+                if j >= expected:
+                    break
+                if ti.name == f"{sample_key(split, shard_index, j)}.npy" and ti.isfile():
+                    offsets[j] = ti.offset_data
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # the samples indexed so far stay usable; the rest are -1
+    return offsets
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A human-readable summary of a dataset directory's manifest."""
+    m = read_manifest(path)
+    ids = m["special_ids"]
+    lines = [
+        f"dataset {path}  (format {m['format']} v{m['version']})",
+        f"tokenizer {m['tokenizer']['file']} ({m['tokenizer'].get('kind', '?')}, sha256 {m['tokenizer']['sha256'][:16]}...)",
+        f"vocab_size {m['vocab_size']:,}  seq_len {m['seq_len']}  dtype {m['dtype']}  "
+        f"special ids: mask {ids['mask']} pad {ids['pad']} eos {ids['eos']} bos {ids['bos']}",
+        f"{'split':<8}{'shards':>8}{'samples':>12}{'tokens':>14}{'pad':>8}{'docs':>8}",
+    ]
+    for name, sp in m["splits"].items():
+        lines.append(f"{name:<8}{len(sp['shards']):>8,}{sp.get('samples', 0):>12,}{sp.get('tokens', 0):>14,}"
+                     f"{sp.get('pad_tokens', 0):>8,}{sp.get('documents', 0):>8,}")
+    src = m.get("sources", {})
+    if src:
+        lines.append(f"{'source':<16}{'docs_in':>9}{'short':>7}{'long':>7}{'dedup':>7}{'docs_out':>9}{'tokens':>13}")
+        for name, st in src.items():
+            lines.append(f"{name:<16}{st['docs_in']:>9,}{st['filtered_short']:>7,}{st['filtered_long']:>7,}"
+                         f"{st['dedup']:>7,}{st['docs_out']:>9,}{st['tokens']:>13,}")
+    return "\n".join(lines)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    samples: dict[str, np.ndarray],
+    tokenizer_json: bytes,
+    special_ids: dict[str, int],
+    vocab_size: int,
+    samples_per_shard: int = 1024,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a dataset directory from already packed samples ({split: [n, seq_len]}); returns the manifest.
+
+    The Ray pipeline streams its shards itself; this helper makes small datasets for tests and tools
+    (same layout, same bytes for the same samples).
+    """
+    from megadiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+
+    out = Path(out_dir)
+    dtype = token_dtype(vocab_size)
+    seq_lens = {a.shape[1] for a in samples.values()}
+    if len(seq_lens) != 1:
+        raise ValueError(f"all splits need one seq_len, got {sorted(seq_lens)}")
+    tok_file = f"tokenizer-{sha256_bytes(tokenizer_json)[:8]}.json"
+    atomic_write_bytes(out / tok_file, tokenizer_json)
+    splits: dict[str, Any] = {}
+    for split, arr in samples.items():
+        arr = np.asarray(arr)
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise ValueError(f"split {split}: token ids outside [0, {vocab_size})")
+        shards = []
+        for k, a in enumerate(range(0, len(arr), samples_per_shard)):
+            chunk = arr[a : a + samples_per_shard].astype(dtype)
+            data = shard_bytes(split, k, chunk)
+            atomic_write_bytes(out / shard_name(split, k), data)
+            shards.append({"file": shard_name(split, k), "samples": len(chunk), "tokens": int(chunk.size),
+                           "bytes": len(data), "sha256": sha256_bytes(data)})
+        splits[split] = {"samples": len(arr), "tokens": int(arr.size), "pad_tokens": 0, "documents": 0,
+                         "shards": shards}
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "tokenizer": {"file": tok_file, "sha256": sha256_bytes(tokenizer_json), "kind": "file"},
+        "vocab_size": vocab_size, "special_ids": dict(special_ids), "seq_len": seq_lens.pop(), "dtype": dtype,
+        "splits": splits, "sources": {}, "config": config or {},
+    }
+    validate_manifest(manifest, out / MANIFEST_NAME)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    return manifest
