@@ -84,7 +84,7 @@ def memory_estimate_gib(shape: ModelShape, vocab_size: int, seq_len: int, micro_
 
     bf16: 2 B weights + 4 B fp32 grad buffer + 12 B optimizer (fp32 master + Adam m, v),
     the optimizer part divided over DP with the distributed optimizer. Activations per layer
-    follow Korthikanti et al. 2022 (no recompute): s*b*h*(34 + 5*a*s/h) bytes, / TP, and
+    follow Korthikanti et al. 2022 (no recompute) with fused attention: s*b*h*34 bytes, / TP, and
     pipeline stage 0 holds pp micro batches in flight under 1F1B. Logits in fp32 are added.
     """
     pc = count_params(shape, vocab_size)
@@ -93,7 +93,7 @@ def memory_estimate_gib(shape: ModelShape, vocab_size: int, seq_len: int, micro_
     g = n * 4
     opt = n * (12 if bf16 else 8) / (dp if distributed_optimizer else 1)
     s, b, h, a = seq_len, micro_batch, shape.hidden_size, shape.num_attention_heads
-    act_layer = s * b * h * (34 + 5 * a * s / h) / tp
+    act_layer = s * b * h * 34 / tp  # fused (flash/SDPA) attention: no s x s score matrix is stored
     layers_here = shape.num_layers / pp
     act = act_layer * layers_here * min(pp, 1 + (pp - 1))
     logits = s * b * vocab_size / tp * 4 * 2

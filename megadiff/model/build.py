@@ -1,0 +1,132 @@
+"""Build megatron-core's GPTModel with a bidirectional layer spec.
+
+Bidirectional attention is a *spec parameter*: we take megatron's own GPT layer spec (local or
+transformer-engine), set ``self_attention.params["attn_mask_type"]`` to ``AttnMaskType.no_mask``
+(``causal`` for the autoregressive baseline) and swap in the chosen core-attention backend. The
+transformer layer itself is megatron's, unforked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megadiff.model.attention import ATTENTION_BACKENDS, resolve_backend
+from megadiff.model.presets import ModelShape, padded_vocab_size, resolve_shape
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def layer_spec(arch: str, backend: str, causal: bool = False) -> ModuleSpec:
+    """megatron's GPT layer spec with the attention mask type and core attention set by us."""
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    norm = "RMSNorm" if arch == "llama" else "LayerNorm"
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+    else:
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=norm))
+        spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS.get(backend)
+    spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask)
+    return spec
+
+
+def transformer_config(shape: ModelShape, model_cfg: Any, *, tp: int = 1, pp: int = 1,
+                       sequence_parallel: bool = False, dtype: torch.dtype = torch.float32,
+                       cpu_init: bool = True) -> TransformerConfig:
+    llama = shape.arch == "llama"
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        layernorm_epsilon=model_cfg.norm_eps,
+        gated_linear_unit=llama,
+        activation_func=F.silu if llama else gelu_tanh,
+        add_bias_linear=not llama,
+        add_qkv_bias=not llama,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # CPU initialisation builds each full weight from the seed and then slices it, so every
+        # TP/PP layout starts from the same weights (tests compare layouts on that basis).
+        use_cpu_initialization=cpu_init,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        moe_token_dispatcher_type="alltoall",  # unused (dense); megatron requires it with variable_seq_lengths
+        variable_seq_lengths=True,
+    )
+
+
+@dataclass
+class BuiltModel:
+    model: GPTModel
+    shape: ModelShape
+    vocab_size: int  # real vocab (incl. [MASK])
+    padded_vocab_size: int
+    backend: str
+    config: TransformerConfig
+
+
+def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg_collection=None,
+                pre_process: bool = True, post_process: bool = True, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                vp_stage: Optional[int] = None) -> BuiltModel:
+    """Build this rank's part of the model (all of it when tp = pp = 1)."""
+    shape = resolve_shape(model_cfg)
+    backend = resolve_backend(model_cfg.attention_backend, device)
+    config = transformer_config(shape, model_cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+                                dtype=dtype, cpu_init=True)
+    vpad = padded_vocab_size(vocab_size, tp)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(shape.arch, backend, causal=bool(model_cfg.causal)),
+        vocab_size=vpad,
+        max_sequence_length=shape.max_seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=False,  # full-vocab logits on every TP rank: the diffusion losses are plain torch
+        share_embeddings_and_output_weights=shape.tie_embeddings,
+        position_embedding_type="rope" if shape.arch == "llama" else "learned_absolute",
+        rotary_base=int(model_cfg.rope_theta),
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    if device != "cpu":
+        model = model.to(device)
+    return BuiltModel(model, shape, vocab_size, vpad, backend, config)
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def forward_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, L] token ids -> [B, L, V_padded] logits (last pipeline stage)."""
+    return model(tokens, position_ids_for(tokens), None)

@@ -1,0 +1,179 @@
+"""Trainer callbacks: the side concerns of training, each in its own small class.
+
+Hooks: ``on_fit_start(trainer)``, ``on_step_end(trainer, stats)``, ``on_fit_end(trainer, reason)``.
+``stats`` is a dict with at least step, loss, nelbo, grad_norm, lr, tokens_per_s, tflops, mfu,
+data_wait_s, mem_gib, skipped. Callbacks run on every rank; those that write check the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megadiff import MegadiffError
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, please requeue (Slurm launcher requeues)
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, stats: dict[str, Any]) -> None: ...
+
+    def on_eval(self, trainer, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer, reason: str) -> None: ...
+
+
+class MetricsFile(Callback):
+    """Rank-0 ``metrics.jsonl``: one JSON line per step (and per eval), truncated on resume."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def on_fit_start(self, trainer) -> None:
+        if not trainer.ctx.is_logging_rank or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill
+            if rec.get("step", 0) <= trainer.step:
+                keep.append(line)
+        from megadiff.utils.io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def on_step_end(self, trainer, stats):
+        if trainer.ctx.is_logging_rank:
+            self._append({k: v for k, v in stats.items() if not isinstance(v, torch.Tensor)})
+
+    def on_eval(self, trainer, step, metrics):
+        if trainer.ctx.is_logging_rank:
+            self._append({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on the logging rank with loss, tokens/s and MFU; a log line every log_interval."""
+
+    def __init__(self, enabled: bool, log_interval: int):
+        self.enabled = enabled
+        self.log_interval = max(1, log_interval)
+        self.bar = None
+
+    def on_fit_start(self, trainer):
+        if self.enabled and trainer.ctx.is_logging_rank:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc="train", unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def on_step_end(self, trainer, stats):
+        if not trainer.ctx.is_logging_rank:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}",
+                                 mfu=f"{stats['mfu']:.1%}", refresh=False)
+        if stats["step"] % self.log_interval == 0 or stats["step"] == trainer.max_steps:
+            msg = (f"step {stats['step']:>6} | loss {stats['loss']:.4f} | nelbo {stats['nelbo']:.4f} | "
+                   f"grad {stats['grad_norm']:.3f} | lr {stats['lr']:.2e} | {stats['tokens_per_s']:.0f} tok/s | "
+                   f"{stats['tflops']:.2f} TFLOP/s | mfu {stats['mfu']:.1%} | data {stats['data_wait_s'] * 1e3:.1f} ms | "
+                   f"mem {stats['mem_gib']:.2f} GiB")
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def on_eval(self, trainer, step, metrics):
+        if trainer.ctx.is_logging_rank:
+            msg = f"eval  step {step:>6} | val nelbo {metrics['nelbo']:.4f} nats/token | ppl bound {metrics['ppl_bound']:.2f}"
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def on_fit_end(self, trainer, reason):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class NaNGuard(Callback):
+    """Counts non-finite steps (the trainer skips their update); aborts after K in a row."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+
+    def on_step_end(self, trainer, stats):
+        if stats["skipped"]:
+            self.consecutive += 1
+            self.total += 1
+            if self.consecutive >= self.max_consecutive:
+                raise MegadiffError(
+                    f"training diverged: {self.consecutive} consecutive steps had a non-finite loss "
+                    f"(last at step {stats['step']}, {self.total} skipped in all). Lower optim.lr, raise "
+                    f"optim.warmup_steps, or resume from an earlier checkpoint in {trainer.ckpt.root}"
+                )
+        else:
+            self.consecutive = 0
+
+
+class Preemption(Callback):
+    """SIGTERM / SIGUSR1 or the wall-clock budget → finish the step, save, exit 75 (requeue)."""
+
+    def __init__(self, max_wall_minutes: float):
+        self.requested = False
+        self.reason = ""
+        self.deadline = time.time() + max_wall_minutes * 60 if max_wall_minutes > 0 else math.inf
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, _frame):
+        self.requested = True
+        self.reason = signal.Signals(signum).name
+
+    def on_fit_start(self, trainer):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def local_flag(self) -> bool:
+        if time.time() >= self.deadline and not self.requested:
+            self.requested, self.reason = True, "time budget (trainer.max_wall_minutes)"
+        return self.requested
+
+    def on_fit_end(self, trainer, reason):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Checkpointing(Callback):
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def on_step_end(self, trainer, stats):
+        if self.interval > 0 and stats["step"] % self.interval == 0 and stats["step"] < trainer.max_steps:
+            trainer.save()
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except Exception:
+        return 0.0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

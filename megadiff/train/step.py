@@ -1,0 +1,90 @@
+"""The training/eval step: corrupt → model → objective, through megatron's forward-backward schedules.
+
+The diffusion maths never sees megatron: ``forward_step`` feeds the objective's corrupted tokens to
+the model and hands the logits back to the objective's loss. Losses are SUMS with a token count
+(megatron's ``calculate_per_token_loss``), so gradient accumulation and data parallelism give
+exactly the full-global-batch gradient whatever the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from megadiff.diffusion.noise import make_noise, random_length
+from megadiff.model.build import position_ids_for
+
+
+@dataclass
+class StepContext:
+    """What forward_step needs to know about the current step."""
+
+    objective: Any
+    diffusion_cfg: Any
+    global_batch: int
+    step: int = 0
+    noise_seed: int = 0
+
+
+def make_forward_step(sc: StepContext):
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        x0 = mb["tokens"]
+        dc = sc.diffusion_cfg
+        noise = make_noise(sc.noise_seed, sc.step, mb["sample_ids"], x0.shape[1], eps=dc.eps,
+                           antithetic=dc.antithetic, global_batch=sc.global_batch, device=x0.device)
+        model_input, aux = sc.objective.prepare(x0, noise)
+        output = model(model_input, position_ids_for(model_input), None)
+
+        def loss_func(logits):
+            lo = sc.objective.loss(logits, x0, aux)
+            tokens = lo.tokens.to(torch.int) if torch.is_tensor(lo.tokens) else torch.tensor(lo.tokens, dtype=torch.int)
+            report = torch.stack([lo.loss_sum.detach().float(), tokens.float().to(lo.loss_sum.device)])
+            return lo.loss_sum, tokens.to(lo.loss_sum.device), {"lm": report}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def to_device(mbs: Iterable[dict], device: torch.device, length: int | None = None) -> list[dict]:
+    out = []
+    for mb in mbs:
+        tok = mb["tokens"]
+        if length is not None and length < tok.shape[1]:
+            tok = tok[:, :length]
+        out.append({"tokens": tok.to(device, non_blocking=True), "sample_ids": mb["sample_ids"].to(device)})
+    return out
+
+
+def run_forward_backward(ddp_model, mbs: list[dict], sc: StepContext, ctx, forward_only: bool) -> torch.Tensor:
+    """One global-batch pass on this rank. Returns [loss_sum, tokens] summed over micro batches
+    (non-zero only on the last pipeline stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    seq = mbs[0]["tokens"].shape[1]
+    out = fb(forward_step_func=make_forward_step(sc), data_iterator=iter(mbs), model=[ddp_model],
+             num_microbatches=len(mbs), seq_length=seq, micro_batch_size=mbs[0]["tokens"].shape[0],
+             decoder_seq_length=seq, forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for rec in out or []:
+        total += rec["lm"].to(torch.float64)
+    return total
+
+
+def global_sum(vec: torch.Tensor, ctx) -> torch.Tensor:
+    """Sum a per-rank statistic over the world, counting each TP group once (tp_rank 0 only)."""
+    v = vec.clone() if ctx.tp_rank == 0 else torch.zeros_like(vec)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(v)
+    return v
+
+
+def step_length(sc: StepContext, seq_len: int) -> int:
+    """LLaDA random-length crop: identical on every rank (a function of seed and step)."""
+    p = float(sc.diffusion_cfg.random_length_prob)
+    return random_length(sc.noise_seed, sc.step, seq_len, p)

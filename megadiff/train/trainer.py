@@ -1,0 +1,258 @@
+"""The trainer: set-up, a short ``fit()`` loop, and callbacks for everything else.
+
+    trainer = Trainer(cfg)          # parallel groups, data, model, DDP, optimizer, objective, resume
+    reason = trainer.fit()          # "done" | "preempted" (exit code 75 asked of the launcher)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megadiff import MegadiffError
+from megadiff.checkpoint.manager import CheckpointManager
+from megadiff.config import check_batch_layout, default_dataset_refs, to_yaml
+from megadiff.train import callbacks as cb
+from megadiff.train.lr import lr_at
+from megadiff.train.step import StepContext, global_sum, run_forward_backward, step_length, to_device
+
+
+class Trainer:
+    def __init__(self, cfg: Any, extra_callbacks: list[cb.Callback] | None = None):
+        from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat
+        from megadiff.diffusion.objectives import make_objective
+        from megadiff.diffusion.schedules import make_schedule
+        from megadiff.dist.parallel import init_parallel
+        from megadiff.model.build import build_model
+        from megadiff.model.flops import flops_per_token, peak_tflops_for
+        from megadiff.train.optim import build_optimizer, wrap_ddp
+
+        self.cfg = cfg
+        tc, pc = cfg.trainer, cfg.parallel
+        default_dataset_refs(cfg)
+        self.ctx = ctx = init_parallel(pc.tp, pc.pp, tc.device, pc.backend, seed=tc.seed)
+        self.accum = check_batch_layout(cfg, ctx.dp)
+        self.run_dir = Path(tc.run_dir)
+        if ctx.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        cb.barrier()
+
+        # data
+        ds = [ShardDataset(r.path, r.split, skip_corrupt=cfg.data.skip_corrupt) for r in cfg.data.train]
+        self.info = ds[0].info
+        self.seq_len = self.info.seq_len
+        self.loader = GlobalBatchLoader(ds, [r.weight for r in cfg.data.train], tc.global_batch, tc.micro_batch,
+                                        ctx.dp_rank, ctx.dp, seed=cfg.data.shuffle_seed)
+        self.valid = [ShardDataset(r.path, r.split) for r in cfg.data.valid if _has_split(r)]
+        for v in self.valid:
+            check_compat(v.info, vocab_size=self.info.vocab_size, mask_id=self.info.mask_id,
+                         tokenizer_sha256=self.info.tokenizer_sha256)
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != self.info.vocab_size:
+            raise MegadiffError(
+                f"model.vocab_size={cfg.model.vocab_size} but the data in {cfg.data.train[0].path} was tokenized with "
+                f"a vocab of {self.info.vocab_size}; set model.vocab_size={self.info.vocab_size} (or leave it unset)"
+            )
+        if self.seq_len > cfg.model.max_seq_len:
+            raise MegadiffError(f"data seq_len {self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                                f"raise model.max_seq_len")
+
+        # model
+        self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and ctx.device.type == "cuda")
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        cfg.model.causal = cfg.diffusion.objective == "ar"
+        from megatron.core import parallel_state as ps
+
+        built = build_model(cfg.model, self.info.vocab_size, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
+                            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
+        self.built = built
+        tconf = built.config
+        tconf.calculate_per_token_loss = True
+        self.model = wrap_ddp(built.model, tconf, ctx, pc)
+        self.optimizer = build_optimizer(self.model, cfg.optim, pc, ctx, self.bf16)
+        from megatron.core.distributed import finalize_model_grads
+
+        tconf.finalize_model_grads_func = finalize_model_grads
+        tconf.grad_scale_func = self.optimizer.scale_loss
+
+        # objective
+        self.schedule = make_schedule(cfg.diffusion)
+        self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
+        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed)
+
+        # accounting
+        self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=cfg.model.causal)
+        peak = tc.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name()) if ctx.device.type == "cuda" else 0)
+        self.peak_tflops = float(peak or 0.0)
+        self.max_steps = tc.max_steps
+        self.step = 0
+        self.tokens_seen = 0
+        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every)
+        self.preemption = cb.Preemption(tc.max_wall_minutes)
+        self.nan_guard = cb.NaNGuard(tc.nan_max_consecutive)
+        self.callbacks: list[cb.Callback] = [
+            cb.MetricsFile(self.run_dir), cb.ProgressBar(tc.progress, tc.log_interval), self.nan_guard,
+            self.preemption, cb.Checkpointing(tc.save_interval),
+        ]
+        if cfg.tracking.enabled:
+            from megadiff.tracking.mlflow_cb import MLflowCallback
+
+            self.callbacks.append(MLflowCallback(cfg, self.run_dir))
+        self.callbacks += extra_callbacks or []
+        self.resume()
+
+    # ---------------------------------------------------------------- checkpoints
+    def resume(self) -> None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return
+        extra = self.ckpt.load(step, self.model, self.optimizer)
+        self.step = int(extra["step"])
+        self.tokens_seen = int(extra.get("tokens", 0))
+        self.loader.load_state_dict(extra["loader"])
+        if "torch_rng" in extra:
+            torch.manual_seed(int(extra["torch_rng"]))
+        if self.ctx.rank == 0:
+            print(f"resumed from {self.ckpt.root / ('step_%06d' % step)} (step {self.step}, layout "
+                  f"{extra.get('layout')} -> {self.ctx.layout})", flush=True)
+
+    def save(self) -> Path:
+        extra = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(), "layout": self.ctx.layout,
+                 "torch_rng": int(self.cfg.trainer.seed + self.step), "objective": self.cfg.diffusion.objective}
+        return self.ckpt.save(self.step, self.model, self.optimizer, extra, to_yaml(self.cfg))
+
+    # ---------------------------------------------------------------- loop
+    def train_step(self) -> dict[str, Any]:
+        from megadiff.train.optim import set_lr
+
+        t0 = time.perf_counter()
+        mbs = self.loader.next_global()
+        self.sc.step = self.step
+        length = step_length(self.sc, self.seq_len)
+        mbs = to_device(mbs, self.ctx.device, length)
+        t_data = time.perf_counter() - t0
+        lr = lr_at(self.step, self.cfg.optim, self.max_steps)
+        set_lr(self.optimizer, lr, self.cfg.optim.weight_decay)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        local = run_forward_backward(self.model, mbs, self.sc, self.ctx, forward_only=False)
+        flag = torch.tensor([1.0 if self.preemption.local_flag() else 0.0], dtype=torch.float64,
+                            device=self.ctx.device)
+        stats = global_sum(torch.cat([local, flag]), self.ctx)  # one collective: loss, tokens, stop
+        loss_sum, tokens, stop = stats.tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        skipped = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if not skipped:
+            _, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        n_tok = self.cfg.trainer.global_batch * length
+        self.tokens_seen += n_tok
+        from megadiff.model.flops import mfu
+
+        tps = n_tok / dt
+        if stop > 0:
+            self.preemption.requested = True
+        return {
+            "step": self.step, "loss": loss, "nelbo": loss if self.cfg.diffusion.objective == "mdlm" else float("nan"),
+            "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tps,
+            "tflops": tps * self.flops_tok / 1e12 / self.ctx.world, "mfu": mfu(tps / self.ctx.world, self.flops_tok,
+                                                                               self.peak_tflops),
+            "data_wait_s": t_data, "mem_gib": cb.memory_gib(self.ctx.device), "skipped": skipped, "step_s": dt,
+        }
+
+    def fit(self) -> str:
+        for c in self.callbacks:
+            c.on_fit_start(self)
+        reason = "done"
+        try:
+            while self.step < self.max_steps:
+                stats = self.train_step()
+                for c in self.callbacks:
+                    c.on_step_end(self, stats)
+                ei = self.cfg.trainer.eval_interval
+                if ei > 0 and self.valid and (self.step % ei == 0 or self.step == self.max_steps):
+                    self.evaluate_and_log()
+                if self.preemption.requested:
+                    reason = "preempted"
+                    break
+            self.save()
+            if reason == "done" and self.cfg.trainer.num_samples > 0:
+                self.generate_samples()
+        finally:
+            for c in self.callbacks:
+                c.on_fit_end(self, reason)
+        if reason == "preempted" and self.ctx.rank == 0:
+            print(f"preempted ({self.preemption.reason}) at step {self.step}: checkpoint saved, exiting with "
+                  f"{cb.REQUEUE_EXIT_CODE} (requeue)", flush=True)
+        return reason
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, n_batches: int | None = None, n_t: int | None = None) -> dict[str, float]:
+        """NELBO (nats/token) on the validation split: a fixed set of batches x a fixed set of
+        antithetic time points (same every call, so evals are comparable); distributed over the
+        layout through megatron's forward-only schedule."""
+        from megadiff.data.loader import GlobalBatchLoader
+
+        tc = self.cfg.trainer
+        n_batches = n_batches or tc.eval_batches
+        n_t = n_t or (tc.eval_n_t if self.cfg.diffusion.objective != "ar" else 1)
+        gb = tc.micro_batch * self.ctx.dp
+        loader = GlobalBatchLoader(self.valid, None, gb, tc.micro_batch, self.ctx.dp_rank, self.ctx.dp, seed=0)
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        sc = StepContext(self.objective, self.cfg.diffusion, gb, noise_seed=10_000 + self.cfg.diffusion.seed)
+        for _ in range(n_batches):
+            mbs = to_device(loader.next_global(), self.ctx.device)
+            for k in range(n_t):
+                sc.step = k
+                total += run_forward_backward(self.model, mbs, sc, self.ctx, forward_only=True)
+        self.model.train()
+        s = global_sum(total, self.ctx)
+        nelbo = float(s[0] / s[1].clamp(min=1))
+        return {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700)), "tokens": float(s[1]) / n_t}
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        for c in self.callbacks:
+            c.on_eval(self, self.step, metrics)
+        return metrics
+
+    def generate_samples(self) -> None:
+        """Unconditional samples at the end of training, written to run_dir/samples.jsonl."""
+        from megadiff.eval.runtime import generate_from_trainer
+
+        generate_from_trainer(self)
+
+
+def _has_split(ref) -> bool:
+    from megadiff.data.format import read_manifest
+
+    try:
+        return ref.split in read_manifest(Path(ref.path))["splits"]
+    except MegadiffError:
+        return False
+
+
+def run_training(cfg: Any) -> int:
+    """Entry point used by `megadiff train`: returns the process exit code."""
+    trainer = Trainer(cfg)
+    reason = trainer.fit()
+    from megadiff.dist.parallel import destroy_parallel
+
+    cb.barrier()
+    destroy_parallel()
+    return cb.REQUEUE_EXIT_CODE if reason == "preempted" else 0
+
+
+__all__ = ["Trainer", "run_training", "dist"]
