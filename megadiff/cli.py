@@ -23,7 +23,6 @@ COMMAND_MODULES = [
     "megadiff.eval.cli",
     "megadiff.tracking.cli",
     "launch.cli",
-    "launch.cli",
 ]
 
 
