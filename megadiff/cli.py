@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "megadiff.eval.cli",
     "megadiff.tracking.cli",
     "launch.cli",
+    "megadiff.sweeps.cli",
 ]
 
 

@@ -1,0 +1,389 @@
+"""Scaling-law fits (pure numpy + scipy; no torch, no mlflow).
+
+Approach 3 (parametric, Hoffmann et al. 2022):
+
+    L(N, D) = E + A / N^alpha + B / D^beta
+
+fitted as ``log L ~ LSE(a - alpha log N, b - beta log D, e)`` (a = log A, b = log B, e = log E)
+with a Huber loss (delta = 1e-3) on the log-loss residuals, by L-BFGS-B started from the best
+points of a grid of initialisations. Bootstrap (resampling runs) gives percentile intervals.
+With C = k N D (k = training FLOPs per parameter per token, the median over the sweep's runs of
+C / (N D), about 6) the compute-optimal allocation is
+
+    N_opt(C) = G (C/k)^a,  D_opt(C) = (C/k) / N_opt(C),  G = (alpha A / (beta B))^(1/(alpha+beta)),
+    a = beta / (alpha + beta),  b = alpha / (alpha + beta).
+
+Approach 2 (IsoFLOP profiles): per budget a parabola of the loss in log N; its minimum gives
+N*(C) (and D*(C) by interpolating log D in log N along that budget's runs); power laws through
+the minima give N_opt ∝ C^a and D_opt ∝ C^b.
+
+MDM vs AR: :func:`compute_multiplier` answers "how much more compute does the MDM need to reach
+the AR's compute-optimal loss at C" from the two fitted frontiers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import brentq, minimize
+
+from megadiff import MegadiffError
+
+HUBER_DELTA = 1e-3
+PARAMS = ("E", "A", "B", "alpha", "beta")
+# the initialisation grid (Hoffmann et al. 2022, appendix D.2)
+GRID = {
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+}
+BOUNDS = [(-50.0, 80.0), (-50.0, 80.0), (-10.0, 5.0), (1e-3, 5.0), (1e-3, 5.0)]  # a, b, e, alpha, beta
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished run: what the fits consume."""
+
+    name: str
+    objective: str
+    budget: float  # nominal budget C (FLOPs) the run was planned for (groups IsoFLOP profiles)
+    n: float  # parameters
+    d: float  # training tokens
+    c: float  # training FLOPs actually spent (flops_per_token x D)
+    loss: float  # final (or tail-averaged) validation NELBO, nats/token
+
+
+# ----------------------------------------------------------------------------- Approach 3
+
+
+def _lse_terms(theta: np.ndarray, logn: np.ndarray, logd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b, e, alpha, beta = theta
+    t = np.stack([a - alpha * logn, b - beta * logd, np.full_like(logn, e)])
+    m = t.max(axis=0)
+    w = np.exp(t - m)
+    s = w.sum(axis=0)
+    return m + np.log(s), w / s
+
+
+def huber_objective(theta: np.ndarray, logn: np.ndarray, logd: np.ndarray, logl: np.ndarray,
+                    delta: float = HUBER_DELTA) -> tuple[float, np.ndarray]:
+    """Sum of Huber losses of log-loss residuals and its gradient in (a, b, e, alpha, beta)."""
+    pred, w = _lse_terms(theta, logn, logd)
+    r = pred - logl
+    ar = np.abs(r)
+    f = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+    h = np.clip(r, -delta, delta)
+    g = np.array([
+        (h * w[0]).sum(),
+        (h * w[1]).sum(),
+        (h * w[2]).sum(),
+        -(h * w[0] * logn).sum(),
+        -(h * w[1] * logd).sum(),
+    ])
+    return float(f), g
+
+
+def _grid_starts(logn: np.ndarray, logd: np.ndarray, logl: np.ndarray, top: int, delta: float) -> np.ndarray:
+    """The `top` grid points with the lowest objective (evaluated in one vectorised pass)."""
+    grid = np.array(list(itertools.product(GRID["a"], GRID["b"], GRID["e"], GRID["alpha"], GRID["beta"])))
+    a, b, e, al, be = (grid[:, i : i + 1] for i in range(5))
+    t1 = a - al * logn[None, :]
+    t2 = b - be * logd[None, :]
+    t3 = np.broadcast_to(e, t1.shape)
+    pred = np.logaddexp(np.logaddexp(t1, t2), t3)
+    r = np.abs(pred - logl[None, :])
+    f = np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta)).sum(axis=1)
+    return grid[np.argsort(f)[:top]]
+
+
+def _lbfgs(theta0: np.ndarray, logn, logd, logl, delta) -> tuple[np.ndarray, float]:
+    # the objective is tiny (residuals ~1e-2, delta 1e-3): scale it so L-BFGS's absolute
+    # tolerances do not stop it early
+    scale = 1.0 / (delta * max(len(logl), 1) * 1e-4)
+
+    def fun(th):
+        f, g = huber_objective(th, logn, logd, logl, delta)
+        return f * scale, g * scale
+
+    start = np.clip(theta0, [lo for lo, _ in BOUNDS], [hi for _, hi in BOUNDS])
+    res = minimize(fun, start, jac=True, method="L-BFGS-B", bounds=BOUNDS,
+                   options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+    return res.x, float(res.fun / scale)
+
+
+def fit_parametric_raw(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = HUBER_DELTA,
+                       top: int = 16, extra_starts: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, float]:
+    """Best (a, b, e, alpha, beta) over L-BFGS runs from the `top` best grid points (+ extra starts)."""
+    logn, logd, logl = np.log(n), np.log(d), np.log(loss)
+    starts = list(extra_starts) + list(_grid_starts(logn, logd, logl, top, delta))
+    best, best_f = None, math.inf
+    for s in starts:
+        th, f = _lbfgs(np.asarray(s, float), logn, logd, logl, delta)
+        if np.all(np.isfinite(th)) and f < best_f:
+            best, best_f = th, f
+    if best is None:
+        raise MegadiffError("the parametric fit failed from every initialisation")
+    return best, best_f
+
+
+def _theta_to_params(th: np.ndarray) -> dict[str, float]:
+    a, b, e, alpha, beta = (float(x) for x in th)
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+
+
+def allocation_exponents(p: dict[str, float]) -> dict[str, float]:
+    s = p["alpha"] + p["beta"]
+    return {
+        "a": p["beta"] / s,
+        "b": p["alpha"] / s,
+        "G": (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1.0 / s),
+    }
+
+
+def optimal_allocation(p: dict[str, float], c: float | np.ndarray, k: float) -> dict[str, Any]:
+    """N_opt, D_opt and L_opt at compute C for C = k N D."""
+    ex = allocation_exponents(p)
+    c = np.asarray(c, float)
+    n_opt = ex["G"] * (c / k) ** ex["a"]
+    d_opt = (c / k) / n_opt
+    l_opt = p["E"] + p["A"] / n_opt ** p["alpha"] + p["B"] / d_opt ** p["beta"]
+    return {"N_opt": n_opt, "D_opt": d_opt, "L_opt": l_opt}
+
+
+def predict_loss(p: dict[str, float], n, d):
+    n, d = np.asarray(n, float), np.asarray(d, float)
+    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+
+
+@dataclass
+class ParametricFit:
+    params: dict[str, float]
+    k: float  # C = k N D
+    huber: float
+    n_obs: int
+    boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))  # bootstrap thetas (a, b, e, alpha, beta)
+    ci_level: float = 0.95
+
+    @property
+    def exponents(self) -> dict[str, float]:
+        return allocation_exponents(self.params)
+
+    def boot_params(self) -> list[dict[str, float]]:
+        return [_theta_to_params(t) for t in self.boot]
+
+    def intervals(self) -> dict[str, list[float]]:
+        """Percentile bootstrap intervals of E, A, B, alpha, beta, a, b."""
+        if len(self.boot) < 2:
+            return {}
+        rows = [dict(p, **{k: v for k, v in allocation_exponents(p).items() if k in ("a", "b")})
+                for p in self.boot_params()]
+        q = (1 - self.ci_level) / 2
+        return {k: [float(np.quantile([r[k] for r in rows], q)), float(np.quantile([r[k] for r in rows], 1 - q))]
+                for k in rows[0]}
+
+    def to_json(self, budgets: Sequence[float] = ()) -> dict[str, Any]:
+        ex = self.exponents
+        preds = []
+        for c in budgets:
+            o = optimal_allocation(self.params, c, self.k)
+            row = {"C": float(c), **{k: float(v) for k, v in o.items()}}
+            if len(self.boot) >= 2:
+                bo = [optimal_allocation(p, c, self.k) for p in self.boot_params()]
+                q = (1 - self.ci_level) / 2
+                for key in ("N_opt", "D_opt", "L_opt"):
+                    vals = np.array([float(b[key]) for b in bo])
+                    vals = vals[np.isfinite(vals)]
+                    row[f"{key}_ci"] = [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+            preds.append(row)
+        return {
+            "params": self.params, "a": ex["a"], "b": ex["b"], "G": ex["G"], "k": self.k,
+            "huber_loss": self.huber, "n_obs": self.n_obs, "n_bootstrap": int(len(self.boot)),
+            "ci_level": self.ci_level, "ci": self.intervals(), "optimal": preds,
+        }
+
+
+def fit_parametric(obs: Sequence[Observation], n_boot: int = 200, seed: int = 0, delta: float = HUBER_DELTA,
+                   ci_level: float = 0.95) -> ParametricFit:
+    """Approach 3 with bootstrap intervals (resampling runs with replacement)."""
+    if len(obs) < 5:
+        raise MegadiffError(f"the parametric fit (Approach 3) has 5 parameters and needs >= 5 runs; got {len(obs)}")
+    n = np.array([o.n for o in obs], float)
+    d = np.array([o.d for o in obs], float)
+    loss = np.array([o.loss for o in obs], float)
+    c = np.array([o.c for o in obs], float)
+    if np.any(~np.isfinite(loss)) or np.any(loss <= 0):
+        raise MegadiffError("the losses must be finite and positive to fit a scaling law")
+    k = float(np.median(c / (n * d)))
+    th, f = fit_parametric_raw(n, d, loss, delta)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(obs), len(obs))
+        if len(np.unique(n[idx])) < 2 or len(np.unique(d[idx])) < 2:
+            continue
+        bt, _ = fit_parametric_raw(n[idx], d[idx], loss[idx], delta, top=2, extra_starts=[th])
+        boots.append(bt)
+    return ParametricFit(_theta_to_params(th), k, f, len(obs), np.array(boots).reshape(-1, 5), ci_level)
+
+
+# ----------------------------------------------------------------------------- Approach 2
+
+
+@dataclass
+class IsoFlopProfile:
+    budget: float
+    coeffs: list[float]  # loss = c0 + c1 x + c2 x^2, x = ln N
+    n_opt: float
+    d_opt: float
+    l_opt: float
+    extrapolated: bool  # minimum outside the sizes of this budget
+    n_runs: int
+
+
+def _profile(budget: float, n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> IsoFlopProfile | str:
+    if len(np.unique(n)) < 3:
+        return f"budget {budget:.3g}: {len(np.unique(n))} model sizes; a parabola needs >= 3"
+    x = np.log(n)
+    c2, c1, c0 = np.polyfit(x, loss, 2)
+    if c2 <= 0:
+        return f"budget {budget:.3g}: the loss is not convex in log N (no minimum)"
+    xs = -c1 / (2 * c2)
+    s1, s0 = np.polyfit(x, np.log(d), 1)  # along an IsoFLOP, log D is (nearly) linear in log N
+    return IsoFlopProfile(float(budget), [float(c0), float(c1), float(c2)], float(math.exp(xs)),
+                          float(math.exp(s0 + s1 * xs)), float(c0 + c1 * xs + c2 * xs * xs),
+                          bool(xs < x.min() or xs > x.max()), int(len(n)))
+
+
+def _powerlaw(c: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    slope, icpt = np.polyfit(np.log(c), np.log(y), 1)
+    return float(slope), float(icpt)
+
+
+@dataclass
+class IsoFlopFit:
+    profiles: list[IsoFlopProfile]
+    skipped: list[str]
+    a: float | None = None  # N_opt ∝ C^a
+    b: float | None = None  # D_opt ∝ C^b
+    n_icpt: float | None = None
+    d_icpt: float | None = None
+    l_slope: float | None = None  # L_opt ∝ C^l_slope (a pure power law through the minima)
+    l_icpt: float | None = None
+    ci: dict[str, list[float]] = field(default_factory=dict)
+
+    def n_opt(self, c):
+        return np.exp(self.n_icpt) * np.asarray(c, float) ** self.a
+
+    def d_opt(self, c):
+        return np.exp(self.d_icpt) * np.asarray(c, float) ** self.b
+
+    def l_opt(self, c):
+        return np.exp(self.l_icpt) * np.asarray(c, float) ** self.l_slope
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "profiles": [p.__dict__ for p in self.profiles], "skipped": self.skipped,
+            "a": self.a, "b": self.b, "N_opt_intercept_ln": self.n_icpt, "D_opt_intercept_ln": self.d_icpt,
+            "L_opt_slope": self.l_slope, "L_opt_intercept_ln": self.l_icpt, "ci": self.ci,
+        }
+
+
+def _isoflop_once(groups: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> IsoFlopFit:
+    profiles, skipped = [], []
+    for budget in sorted(groups):
+        pr = _profile(budget, *groups[budget])
+        (skipped if isinstance(pr, str) else profiles).append(pr)
+    fit = IsoFlopFit(profiles, skipped)
+    if len(profiles) >= 2:
+        c = np.array([p.budget for p in profiles])
+        fit.a, fit.n_icpt = _powerlaw(c, np.array([p.n_opt for p in profiles]))
+        fit.b, fit.d_icpt = _powerlaw(c, np.array([p.d_opt for p in profiles]))
+        fit.l_slope, fit.l_icpt = _powerlaw(c, np.array([max(p.l_opt, 1e-12) for p in profiles]))
+    return fit
+
+
+def fit_isoflop(obs: Sequence[Observation], n_boot: int = 200, seed: int = 0, ci_level: float = 0.95) -> IsoFlopFit:
+    """Approach 2: parabola per budget, power laws through the minima, bootstrap within budgets."""
+    groups: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for budget in sorted({o.budget for o in obs}):
+        rows = [o for o in obs if o.budget == budget]
+        groups[budget] = tuple(np.array([getattr(o, k) for o in rows], float) for k in ("n", "d", "loss"))
+    fit = _isoflop_once(groups)
+    if fit.a is None or n_boot <= 0:
+        return fit
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(n_boot):
+        g2 = {}
+        for budget, (n, d, loss) in groups.items():
+            idx = rng.integers(0, len(n), len(n))
+            g2[budget] = (n[idx], d[idx], loss[idx])
+        f2 = _isoflop_once(g2)
+        if f2.a is not None and len(f2.profiles) == len(fit.profiles):
+            samples["a"].append(f2.a)
+            samples["b"].append(f2.b)
+    q = (1 - ci_level) / 2
+    if len(samples["a"]) >= 10:
+        fit.ci = {k: [float(np.quantile(v, q)), float(np.quantile(v, 1 - q))] for k, v in samples.items()}
+    return fit
+
+
+# ----------------------------------------------------------------------------- MDM vs AR
+
+
+def frontier_loss(p: dict[str, float], k: float, c) -> np.ndarray:
+    return optimal_allocation(p, c, k)["L_opt"]
+
+
+def compute_multiplier(p_mdm: dict[str, float], k_mdm: float, p_ar: dict[str, float], k_ar: float,
+                       c: float) -> float:
+    """C'/C with L*_mdm(C') = L*_ar(C): the compute the MDM needs to match the AR at C (inf: never)."""
+    target = float(frontier_loss(p_ar, k_ar, c))
+    if target <= p_mdm["E"] * (1 + 1e-12):
+        return math.inf
+
+    def g(logc: float) -> float:
+        return float(frontier_loss(p_mdm, k_mdm, math.exp(logc))) - target
+
+    lo, hi = math.log(c) - 40.0, math.log(c) + 40.0
+    if g(lo) < 0:
+        return 0.0
+    if g(hi) > 0:
+        return math.inf
+    return math.exp(brentq(g, lo, hi, xtol=1e-10)) / c
+
+
+def compare(mdm: ParametricFit, ar: ParametricFit, budgets: Sequence[float], ci_level: float = 0.95) -> list[dict]:
+    """The MDM compute multiplier at each C, with a paired-bootstrap interval when available."""
+    out = []
+    nb = min(len(mdm.boot), len(ar.boot))
+    q = (1 - ci_level) / 2
+    for c in budgets:
+        row = {"C": float(c), "L_ar": float(frontier_loss(ar.params, ar.k, c)),
+               "L_mdm": float(frontier_loss(mdm.params, mdm.k, c)),
+               "multiplier": compute_multiplier(mdm.params, mdm.k, ar.params, ar.k, c)}
+        if nb >= 10:
+            pm, pa = mdm.boot_params()[:nb], ar.boot_params()[:nb]
+            vals = np.array([compute_multiplier(m, mdm.k, a, ar.k, c) for m, a in zip(pm, pa)])
+            row["multiplier_ci"] = [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+            row["multiplier_inf_fraction"] = float(np.mean(~np.isfinite(vals)))
+        out.append(row)
+    return out
+
+
+def compare_isoflop(mdm: IsoFlopFit, ar: IsoFlopFit, budgets: Sequence[float]) -> list[dict]:
+    """Same question from the Approach 2 power laws L*(C) = exp(l0) C^l1 (no floor)."""
+    if mdm.l_slope is None or ar.l_slope is None or mdm.l_slope >= 0:
+        return []
+    out = []
+    for c in budgets:
+        target = float(ar.l_opt(c))
+        c2 = math.exp((math.log(target) - mdm.l_icpt) / mdm.l_slope)
+        out.append({"C": float(c), "multiplier": c2 / c})
+    return out
