@@ -11,6 +11,7 @@ This module imports no torch, megatron or ray, so configs load on a login node i
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -243,8 +244,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for ov in overrides or []:
             if "=" not in ov:
                 raise MegadiffError(f"override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for ov in overrides or []:
+            key, value = ov.split("=", 1)
+            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
     except OmegaConfBaseException as e:
         raise _explain(e, schema, str(path) if path else "overrides") from None
     validate(cfg)

@@ -92,7 +92,7 @@ def memory_estimate_gib(shape: ModelShape, vocab_size: int, seq_len: int, micro_
     w = n * (2 if bf16 else 4)
     g = n * 4
     opt = n * (12 if bf16 else 8) / (dp if distributed_optimizer else 1)
-    s, b, h, a = seq_len, micro_batch, shape.hidden_size, shape.num_attention_heads
+    s, b, h = seq_len, micro_batch, shape.hidden_size
     act_layer = s * b * h * 34 / tp  # fused (flash/SDPA) attention: no s x s score matrix is stored
     layers_here = shape.num_layers / pp
     act = act_layer * layers_here * min(pp, 1 + (pp - 1))

