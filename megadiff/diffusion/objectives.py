@@ -1,0 +1,157 @@
+"""Training objectives: MDLM continuous-time NELBO (SUBS), LLaDA/MD4 form, autoregressive baseline.
+
+    obj = OBJECTIVES.get(cfg.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size)
+    model_input, aux = obj.prepare(x0, noise)      # corrupted tokens (mdlm/llada) or x0 (ar)
+    out = obj.loss(logits, x0, aux)                 # LossOut(loss_sum, tokens, metrics)
+
+Reductions (see docs/diffusion.md): ``loss_sum`` is a SUM over the micro batch and ``tokens``
+the number of token positions it is normalised by; the trainer divides the summed loss of all
+micro batches and ranks by the summed ``tokens`` (gradient accumulation and data parallelism
+then give exactly the full-batch gradient). ``metrics`` holds detached SUMS as tensors (no
+host sync): ``masked`` (number of masked/target tokens), ``ce_sum`` (unweighted CE over them),
+``t_sum`` (sum of the sample times; 0 for ar).
+
+Logits may be wider than ``vocab_size`` (megatron pads the vocab): columns >= vocab_size get
+-inf, and so does the mask id for every objective here (it is never a target; for mdlm/llada
+this is the SUBS parameterisation). CE is computed in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megadiff.diffusion.noise import Noise, corrupt
+from megadiff.diffusion.schedules import Schedule
+from megadiff.registry import Registry
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+@dataclass
+class LossOut:
+    loss_sum: torch.Tensor  # scalar float32, SUM over the micro batch (carries the graph)
+    tokens: torch.Tensor  # scalar int64: normaliser contribution (token positions)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached sums
+
+
+@dataclass
+class DiffusionAux:
+    """What ``loss`` needs from ``prepare``: the mask and the per-sample weight."""
+
+    masked: torch.Tensor  # [B, L] bool, True where x0 was replaced by [MASK]
+    t: torch.Tensor  # [B] float32
+    weight: torch.Tensor  # [B] float32, per-token weight of the masked CE
+
+
+def restrict_logits(logits: torch.Tensor, vocab_size: int, mask_id: int | None) -> torch.Tensor:
+    """float32 logits over the real vocab with the mask column at -inf (SUBS); drops padded columns."""
+    out = logits[..., :vocab_size].float()
+    if mask_id is not None and 0 <= mask_id < vocab_size:
+        out = out.index_fill(-1, torch.tensor([mask_id], device=out.device), float("-inf"))
+    return out
+
+
+def token_ce(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, mask_id: int | None) -> torch.Tensor:
+    """Per-position cross-entropy [..] in float32: logsumexp(logits) - logits[target] (restricted vocab)."""
+    lg = restrict_logits(logits, vocab_size, mask_id)
+    return torch.logsumexp(lg, dim=-1) - lg.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+class Objective:
+    """Base class. Subclasses implement ``prepare`` and ``loss`` (contract in the module docstring)."""
+
+    name = "base"
+
+    def __init__(self, schedule: Schedule, mask_id: int, vocab_size: int, **_: Any):
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id {mask_id} must be inside the real vocab (size {vocab_size})")
+        self.schedule, self.mask_id, self.vocab_size = schedule, int(mask_id), int(vocab_size)
+
+    def prepare(self, x0: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, x0: torch.Tensor, aux: Any) -> LossOut:
+        raise NotImplementedError
+
+
+class _MaskedDiffusion(Objective):
+    """Shared body: loss_sum = sum_b weight_b * sum_{l masked} CE(b, l); tokens = B * L."""
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, x0, noise):
+        xt, masked = corrupt(x0, noise, self.schedule, self.mask_id)
+        w = self.weight(noise.t.to(torch.float64)).to(torch.float32)
+        return xt, DiffusionAux(masked=masked, t=noise.t, weight=w)
+
+    def loss(self, logits, x0, aux: DiffusionAux):
+        ce = token_ce(logits, x0, self.vocab_size, self.mask_id)  # [B, L] float32
+        ce_m = torch.where(aux.masked, ce, torch.zeros_like(ce))
+        loss_sum = (ce_m * aux.weight[:, None]).sum()
+        metrics = {
+            "masked": aux.masked.sum().detach(),
+            "ce_sum": ce_m.sum().detach(),
+            "t_sum": aux.t.float().sum().detach(),
+        }
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
+
+
+@OBJECTIVES.register("mdlm")
+class MDLM(_MaskedDiffusion):
+    """Continuous-time NELBO with SUBS: weight -alpha'(t) / (1 - alpha(t)) on the masked CE.
+
+    loss_sum / tokens is an unbiased estimate of the NELBO in nats per token (up to the
+    (1 - eps) factor from t ~ U(eps, 1)).
+    """
+
+    name = "mdlm"
+
+    def weight(self, t):
+        return self.schedule.nelbo_weight(t)
+
+
+@OBJECTIVES.register("llada")
+class LLaDA(_MaskedDiffusion):
+    """LLaDA / MD4 form: weight 1 / p_mask with p_mask = 1 - alpha(t) (= 1/t for loglinear).
+
+    Matches LLaDA's pretraining loss sum_{masked} CE / p_mask / (B * L). Equal to ``mdlm`` (and a
+    NELBO) for the loglinear schedule; for other schedules it is the mask-ratio weighting, not a bound.
+    """
+
+    name = "llada"
+
+    def weight(self, t):
+        return 1.0 / self.schedule.mask_prob(t)
+
+
+@OBJECTIVES.register("ar")
+class Autoregressive(Objective):
+    """Next-token CE: logits at position l predict x0[l + 1]; the model runs with a causal mask.
+
+    prepare returns x0 unchanged (noise ignored); loss_sum = sum over B x (L - 1) positions,
+    tokens = B * (L - 1).
+    """
+
+    name = "ar"
+
+    def prepare(self, x0, noise=None):
+        return x0, None
+
+    def loss(self, logits, x0, aux=None):
+        ce = token_ce(logits[:, :-1], x0[:, 1:], self.vocab_size, self.mask_id)
+        n = ce.numel()
+        metrics = {
+            "masked": torch.tensor(n, device=x0.device),
+            "ce_sum": ce.detach().sum(),
+            "t_sum": torch.zeros((), device=x0.device),
+        }
+        return LossOut(ce.sum(), torch.tensor(n, device=x0.device), metrics)
+
+
+def make_objective(cfg_diffusion: Any, schedule: Schedule, mask_id: int, vocab_size: int) -> Objective:
+    """Build the objective named by a ``DiffusionConfig``."""
+    return OBJECTIVES.get(cfg_diffusion.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size)
