@@ -80,12 +80,21 @@ def sampling_logprobs(logits: torch.Tensor, mask_id: int, vocab_size: int, tempe
     return logp
 
 
-def sample_categorical(logp: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One draw per row of ``logp`` [N, V] (float64, -inf allowed) by inverse CDF in float64."""
+def sample_categorical(logp: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       num_samples: Optional[int] = None) -> torch.Tensor:
+    """Inverse-CDF sampling in float64 from log-probabilities (-inf allowed).
+
+    ``logp`` [N, V] -> one draw per row [N]; or ``logp`` [V] with ``num_samples`` -> [num_samples]
+    iid draws from the one distribution (O(log V) each).
+    """
     p = logp.to(torch.float64).exp()
     cdf = p.cumsum(-1)
-    u = torch.rand(p.shape[:-1] + (1,), dtype=torch.float64, device=p.device, generator=generator)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    shape = (num_samples,) if num_samples is not None else p.shape[:-1] + (1,)
+    if num_samples is not None and p.dim() != 1:
+        raise ValueError("num_samples needs a 1-D logp")
+    u = torch.rand(shape, dtype=torch.float64, device=p.device, generator=generator)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)
+    idx = idx if num_samples is not None else idx.squeeze(-1)
     # guard the u * total == total rounding case: never return past the last positive-probability token
     V = p.shape[-1]
     last = (V - 1) - (p > 0).flip(-1).to(torch.int8).argmax(-1)
