@@ -44,6 +44,8 @@ def register(sub) -> None:
     d.add_argument("overrides", nargs="*")
     d.add_argument("--cluster", required=True, help="profile name in slurm/clusters/ or a YAML path")
     d.add_argument("--nodes", type=int, default=1)
+    d.add_argument("--cpus-per-node", type=int, default=None,
+                   help="CPUs per node for Ray (default: the profile's gpus_per_node x cpus_per_gpu)")
     d.add_argument("--time", default=None, help="HH:MM:SS (default: the profile's)")
     d.add_argument("--dry-run", action="store_true")
     d.set_defaults(func=cmd_data_pipeline)
@@ -100,7 +102,8 @@ def cmd_submit(args) -> int:
 def cmd_data_pipeline(args) -> int:
     from launch.slurm import submit_data_pipeline
 
-    sub = submit_data_pipeline(args.config, args.overrides, args.cluster, nodes=args.nodes, time=args.time,
+    sub = submit_data_pipeline(args.config, args.overrides, args.cluster, nodes=args.nodes,
+                               cpus_per_node=args.cpus_per_node, time=args.time,
                                dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(sub.script_text)

@@ -120,6 +120,7 @@ class JobRequest:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: Optional[int] = None  # default: gpus_per_node, or 1 on CPU-only jobs
+    cpus_per_task: Optional[int] = None  # default: the profile's cpus_per_gpu (GPU jobs) or cpus_per_task
     time: Optional[str] = None  # default: the profile's
     requeue: Optional[str] = None  # requeue | chain | none; default: the profile's
     chain: int = 1  # chain mode: number of jobs linked with --dependency=singleton
@@ -178,7 +179,7 @@ def _check_against_nodes(req: JobRequest, prof: ClusterProfile, nodes: list[dict
             f"--gpus-per-node {req.gpus_per_node} is impossible: the largest node has {max(gpus, default=0)} GPU(s) "
             f"(scontrol show node)"
         )
-    need_cpus = req.ntasks_per_node * (prof.cpus_per_gpu if req.gpus_per_node else prof.cpus_per_task)
+    need_cpus = req.ntasks_per_node * _cpus_per_task(req, prof)
     fit = [c for c, g in zip(cpus, gpus) if g >= req.gpus_per_node and c >= need_cpus]
     if not fit:
         raise MegadiffError(
@@ -188,6 +189,12 @@ def _check_against_nodes(req: JobRequest, prof: ClusterProfile, nodes: list[dict
         )
     if req.nodes > len(fit):
         raise MegadiffError(f"--nodes {req.nodes} is impossible: only {len(fit)} node(s) fit the per-node request")
+
+
+def _cpus_per_task(req: JobRequest, prof: ClusterProfile) -> int:
+    if req.cpus_per_task:
+        return req.cpus_per_task
+    return prof.cpus_per_gpu if req.gpus_per_node else prof.cpus_per_task
 
 
 def _gres_gpus(gres: str) -> int:
@@ -238,8 +245,9 @@ def _sbatch_lines(req: JobRequest, prof: ClusterProfile, log_dir: Path) -> list[
         f"--time={req.time or prof.time}",
         f"--chdir={os.getcwd()}",
         "--open-mode=append",
-        f"--signal=B:USR1@{req.signal_seconds if req.signal_seconds is not None else prof.signal_seconds}",
     ]
+    if req.template == "train":  # USR1 before the time limit: the trainer saves and asks to be requeued
+        lines.append(f"--signal=B:USR1@{req.signal_seconds if req.signal_seconds is not None else prof.signal_seconds}")
     array = len(req.commands) > 1
     lines.append(f"--output={log_dir}/slurm-{'%A_%a' if array else '%j'}.out")
     if array:
@@ -249,11 +257,11 @@ def _sbatch_lines(req: JobRequest, prof: ClusterProfile, log_dir: Path) -> list[
             lines.append(f"--{key}={getattr(prof, key)}")
     if req.gpus_per_node:
         lines.append(f"--gpus-per-node={req.gpus_per_node}")
-        lines.append(f"--cpus-per-task={prof.cpus_per_gpu}")
+        lines.append(f"--cpus-per-task={_cpus_per_task(req, prof)}")
         if prof.mem_per_gpu:
             lines.append(f"--mem-per-gpu={prof.mem_per_gpu}")
     else:
-        lines.append(f"--cpus-per-task={prof.cpus_per_task}")
+        lines.append(f"--cpus-per-task={_cpus_per_task(req, prof)}")
         if prof.mem_per_cpu:
             lines.append(f"--mem-per-cpu={prof.mem_per_cpu}")
     lines.append("--requeue" if mode == "requeue" else "--no-requeue")
@@ -536,10 +544,15 @@ def submit_data_pipeline(
     cluster: str | ClusterProfile,
     *,
     nodes: int = 1,
+    cpus_per_node: Optional[int] = None,
     time: Optional[str] = None,
     dry_run: bool = False,
 ) -> Submission:
-    """Submit `megadiff data tokenize` on a Ray cluster spanning ``nodes`` nodes of one allocation."""
+    """Submit `megadiff data tokenize` on a Ray cluster spanning ``nodes`` nodes of one allocation.
+
+    ``cpus_per_node`` (Ray CPUs per node) defaults to the CPUs of the profile's GPUs
+    (``gpus_per_node x cpus_per_gpu``), or ``cpus_per_task`` on CPU-only clusters.
+    """
     from megadiff.config import load_config, to_yaml
 
     prof = cluster if isinstance(cluster, ClusterProfile) else load_profile(cluster)
@@ -552,9 +565,10 @@ def submit_data_pipeline(
     cmd = [prof.interpreter, "-m", "megadiff.cli", "data", "tokenize", str(resolved)]
     req = JobRequest(
         name=_job_name(out_dir), run_dirs=[out_dir], commands=[cmd], nodes=nodes, gpus_per_node=0,
-        tasks_per_node=1, time=time, requeue="none", template="data_pipeline",
+        tasks_per_node=1, cpus_per_task=cpus_per_node or max(prof.gpus_per_node * prof.cpus_per_gpu, prof.cpus_per_task),
+        time=time, requeue="none", template="data_pipeline",
     )
-    check_request(req, prof)
+    check_request(req, prof, query_nodes() if prof.check_nodes else None)
     if not dry_run:
         atomic_write_text(resolved, to_yaml(cfg))
     return submit(req, prof, dry_run=dry_run)

@@ -217,3 +217,23 @@ def test_bad_input_against_the_real_cluster_submits_nothing(cluster, tmp_path):
     out = subprocess.run(mega + ["--cluster", "local"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and "sbatch not found on PATH" in out.stderr, out.stderr
     assert not (tmp_path / "r").exists() and not _queued(slurm._job_name(tmp_path / "r"))
+
+
+RAY_DRIVER = (
+    "import json, ray; ray.init(log_to_driver=False); "
+    "print('RAY', json.dumps({'cpus': ray.cluster_resources().get('CPU'), "
+    "'task': ray.get(ray.remote(lambda: 41 + 1).remote())}))"
+)
+
+
+@pytest.mark.slow
+def test_data_pipeline_template_runs_a_ray_cluster_inside_the_allocation(cluster, tmp_path):
+    """The Ray head starts in the job, a driver reaches it through RAY_ADDRESS (token auth), Ray is stopped."""
+    rd = tmp_path / "data"
+    req = JobRequest(name="md-test-ray", run_dirs=[rd], commands=[[sys.executable, "-c", RAY_DRIVER]],
+                     tasks_per_node=1, cpus_per_task=2, template="data_pipeline", requeue="none", time="00:05:00")
+    sub = slurm.submit(req, cluster)
+    states = slurm.wait(sub.job_ids, timeout=240)
+    out = (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
+    assert _member_states(states) == ["COMPLETED"], out
+    assert 'RAY {"cpus": 2.0, "task": 42}' in out and "pipeline exited with code 0; stopping Ray" in out

@@ -149,6 +149,8 @@ def test_data_pipeline_renders_ray_head_and_workers(tmp_path):
     _bash_syntax_ok(text, tmp_path)
     assert "ray.scripts.scripts start --head" in text and '--exclude="$HEAD"' in text
     assert f"data tokenize {tmp_path}/d/slurm/config.yaml" in text and "#SBATCH --nodes=3" in text
+    assert "#SBATCH --cpus-per-task=96" in text and "#SBATCH --ntasks-per-node=1" in text
+    assert "--signal" not in text and "RAY_AUTH_MODE=token" in text
 
 
 def test_cli_dry_run_imports_no_torch(tmp_path):
