@@ -171,3 +171,10 @@ def test_shipped_sweep_files_plan(tmp_path):
     for f in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
         plan = plan_sweep(load_sweep(f, [f"out_dir={tmp_path / f.stem}"]))
         assert plan.feasible and not plan.refused, f
+
+
+def test_batch_multiple_for_data_parallel_runs(tmp_path):
+    plan = plan_sweep(load_sweep(write_sweep(tmp_path, hparams={"batch_multiple": 24})))
+    assert {r.global_batch for r in plan.runs} == {24}  # 16 rounded to a multiple of 24 (micro 8 x DP 3)
+    with pytest.raises(MegadiffError, match="batch_multiple=12 must be a multiple of the micro batch 8"):
+        plan_sweep(load_sweep(write_sweep(tmp_path, hparams={"batch_multiple": 12})))

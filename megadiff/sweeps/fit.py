@@ -139,21 +139,19 @@ def _theta_to_params(th: np.ndarray) -> dict[str, float]:
 
 def allocation_exponents(p: dict[str, float]) -> dict[str, float]:
     s = p["alpha"] + p["beta"]
-    return {
-        "a": p["beta"] / s,
-        "b": p["alpha"] / s,
-        "G": (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1.0 / s),
-    }
+    log_g = (math.log(p["alpha"] * p["A"]) - math.log(p["beta"] * p["B"])) / s
+    return {"a": p["beta"] / s, "b": p["alpha"] / s, "G": math.exp(min(log_g, 700.0)), "log_G": log_g}
 
 
 def optimal_allocation(p: dict[str, float], c: float | np.ndarray, k: float) -> dict[str, Any]:
-    """N_opt, D_opt and L_opt at compute C for C = k N D."""
+    """N_opt, D_opt and L_opt at compute C for C = k N D (computed in log space)."""
     ex = allocation_exponents(p)
-    c = np.asarray(c, float)
-    n_opt = ex["G"] * (c / k) ** ex["a"]
-    d_opt = (c / k) / n_opt
-    l_opt = p["E"] + p["A"] / n_opt ** p["alpha"] + p["B"] / d_opt ** p["beta"]
-    return {"N_opt": n_opt, "D_opt": d_opt, "L_opt": l_opt}
+    logc = np.log(np.asarray(c, float) / k)
+    log_n = ex["log_G"] + ex["a"] * logc
+    log_d = logc - log_n
+    with np.errstate(over="ignore", under="ignore"):
+        l_opt = p["E"] + p["A"] * np.exp(-p["alpha"] * log_n) + p["B"] * np.exp(-p["beta"] * log_d)
+        return {"N_opt": np.exp(log_n), "D_opt": np.exp(log_d), "L_opt": l_opt}
 
 
 def predict_loss(p: dict[str, float], n, d):
@@ -187,6 +185,23 @@ class ParametricFit:
         return {k: [float(np.quantile([r[k] for r in rows], q)), float(np.quantile([r[k] for r in rows], 1 - q))]
                 for k in rows[0]}
 
+    def warnings(self) -> list[str]:
+        """Signs that the data do not pin the law down (the numbers are then not to be trusted)."""
+        out = []
+        for name, (lo, hi) in (("alpha", BOUNDS[3]), ("beta", BOUNDS[4])):
+            v = self.params[name]
+            if v <= lo * 1.01 or v >= hi * 0.99:
+                out.append(f"{name}={v:.3g} sits at the search bound [{lo}, {hi}]: the runs do not identify "
+                           "the law (too few, too noisy, or too far from convergence)")
+        if self.n_obs < 10:
+            out.append(f"only {self.n_obs} runs for 5 parameters: treat the fit as a smoke test")
+        ci = self.intervals()
+        for key in ("a", "b"):
+            if key in ci and ci[key][1] - ci[key][0] > 0.5:
+                out.append(f"the {int(self.ci_level * 100)}% interval of {key} is {ci[key][0]:.2f}..{ci[key][1]:.2f}: "
+                           "exponent not determined")
+        return out
+
     def to_json(self, budgets: Sequence[float] = ()) -> dict[str, Any]:
         ex = self.exponents
         preds = []
@@ -204,7 +219,7 @@ class ParametricFit:
         return {
             "params": self.params, "a": ex["a"], "b": ex["b"], "G": ex["G"], "k": self.k,
             "huber_loss": self.huber, "n_obs": self.n_obs, "n_bootstrap": int(len(self.boot)),
-            "ci_level": self.ci_level, "ci": self.intervals(), "optimal": preds,
+            "ci_level": self.ci_level, "ci": self.intervals(), "optimal": preds, "warnings": self.warnings(),
         }
 
 

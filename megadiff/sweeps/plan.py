@@ -161,7 +161,10 @@ def _batch(spec: Any, budget: float, micro: int) -> int:
     h = spec.hparams
     ref = float(h.batch_ref_budget or min(float(c) for c in spec.budgets))
     gb = h.global_batch * (budget / ref) ** h.batch_exponent
-    return max(micro, int(round(gb / micro)) * micro)
+    unit = int(h.batch_multiple or micro)
+    if unit % micro:
+        raise MegadiffError(f"hparams.batch_multiple={unit} must be a multiple of the micro batch {micro}")
+    return max(unit, int(round(gb / unit)) * unit)
 
 
 def plan_sweep(spec: Any) -> Plan:

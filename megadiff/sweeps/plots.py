@@ -22,6 +22,19 @@ def _plt():
     return plt
 
 
+def _tidy_log_x(ax) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
+
+
+def _flag(fig, fits) -> None:
+    warned = [obj for obj, f in fits.items() if f.get("approach3") is not None and f["approach3"].warnings()]
+    if warned:
+        fig.text(0.5, 0.005, f"Approach 3 flagged for {', '.join(warned)}: the runs do not pin the law down "
+                 "(see the notes in fit.txt)", ha="center", va="bottom", fontsize=9, color="tab:red")
+
+
 def _c_range(obs: Sequence[F.Observation], extra: Sequence[float] = ()) -> np.ndarray:
     cs = [o.budget for o in obs] + list(extra)
     return np.geomspace(min(cs) / 2, max(cs) * 4, 200)
@@ -54,13 +67,15 @@ def plot_isoflop(obs, fits, path: Path, title: str) -> Path:
             if p3 is not None:
                 ax.plot(grid, F.predict_loss(p3.params, grid, b / (p3.k * grid)), color=col, lw=1, ls="--")
         ax.set_xscale("log")
+        _tidy_log_x(ax)
         ax.set_xlabel("parameters N")
         ax.set_ylabel("validation NELBO (nats/token)")
         ax.set_title(f"{obj}: IsoFLOP profiles\n(solid: parabola in log N, *: minimum; dashed: Approach 3)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _flag(fig, fits)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -101,8 +116,10 @@ def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = 
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        _tidy_log_x(ax)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _flag(fig, fits)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -152,14 +169,17 @@ def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        _tidy_log_x(ax)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _flag(fig, {k: v for k, v in fits.items() if k in (mdm, "ar")})
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def make_all(obs, fits, comparison, out_dir: Path, title: str, extra_c: Sequence[float] = ()) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = [plot_isoflop(obs, fits, out_dir / "isoflop.png", title),
            plot_frontier(obs, fits, out_dir / "frontier.png", title, extra_c)]
     p = plot_mdm_vs_ar(obs, fits, comparison, out_dir / "mdm_vs_ar.png", title, extra_c)

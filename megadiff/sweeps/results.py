@@ -86,6 +86,7 @@ def run_fits(obs: Sequence[F.Observation], *, n_boot: int = 200, seed: int = 0, 
             p3 = F.fit_parametric(rows, n_boot=n_boot, seed=seed, ci_level=ci_level)
             fits[objective]["approach3"] = p3
             res["approach3"] = p3.to_json(targets)
+            out["notes"] += [f"{objective}: Approach 3: {w}" for w in res["approach3"]["warnings"]]
         except MegadiffError as e:
             res["approach3"] = {"error": str(e)}
             out["notes"].append(f"{objective}: Approach 3 not fitted: {e}")

@@ -49,7 +49,8 @@ class HParamsSpec:
 
     global_batch: int = 32  # sequences per step at the reference budget
     micro_batch: Optional[int] = None  # None: the base recipe's trainer.micro_batch
-    batch_exponent: float = 0.0  # global_batch x (C / batch_ref_budget)^batch_exponent, rounded to micro_batch
+    batch_exponent: float = 0.0  # global_batch x (C / batch_ref_budget)^batch_exponent, rounded to batch_multiple
+    batch_multiple: Optional[int] = None  # None: micro_batch; set micro_batch x data-parallel size for multi-GPU runs
     batch_ref_budget: Optional[float] = None  # None: the smallest budget
     lr: float = 3e-3  # peak LR at lr_ref_width
     lr_ref_width: int = 256
@@ -150,8 +151,8 @@ def check_sweep(spec: Any, where: str) -> None:
         raise MegadiffError(f"{where}: hparams.schedule is {h.schedule!r}; allowed: wsd, cosine")
     if not 0 < h.decay_fraction <= 1:
         raise MegadiffError(f"{where}: hparams.decay_fraction must be in (0, 1], got {h.decay_fraction}")
-    if h.global_batch <= 0 or (h.micro_batch is not None and h.micro_batch <= 0):
-        raise MegadiffError(f"{where}: hparams.global_batch and hparams.micro_batch must be positive")
+    if h.global_batch <= 0 or any(v is not None and v <= 0 for v in (h.micro_batch, h.batch_multiple)):
+        raise MegadiffError(f"{where}: hparams.global_batch, micro_batch and batch_multiple must be positive")
     if spec.fit.n_kind not in ("total", "non_embedding"):
         raise MegadiffError(f"{where}: fit.n_kind is {spec.fit.n_kind!r}; allowed: total, non_embedding")
     if spec.fit.tail < 1:
