@@ -59,20 +59,26 @@ NO_PROGRESS_TIMEOUT_S = float(os.environ.get("MEGADIFF_DATA_NO_PROGRESS_S", "600
 _TOK_CACHE: dict[str, Any] = {}
 
 
-def _tokenizer(tok_json: bytes) -> tuple[Any, bool]:
-    key = sha256_bytes(tok_json)
+def _tokenizer(tok: bytes | list[Any], tok_sha: str | None = None) -> tuple[Any, bool]:
+    """The worker's tokenizer, built once per process. ``tok`` is the tokenizer.json bytes or
+    ``[ObjectRef]`` (fetched only on a cache miss, so each task does not copy the file)."""
+    key = tok_sha or sha256_bytes(tok)  # type: ignore[arg-type]
     if key not in _TOK_CACHE:
         import json
 
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(tok_json.decode("utf-8"))
-        tok.encode_special_tokens = True
-        spec = json.loads(tok_json)
+        if isinstance(tok, list):
+            import ray
+
+            tok = ray.get(tok[0])
+        t = Tokenizer.from_str(tok.decode("utf-8"))
+        t.encode_special_tokens = True
+        spec = json.loads(tok)
         pre = spec.get("pre_tokenizer") or {}
         chunkable = spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
         _TOK_CACHE.clear()
-        _TOK_CACHE[key] = (tok, chunkable)
+        _TOK_CACHE[key] = (t, chunkable)
     return _TOK_CACHE[key]
 
 
@@ -85,10 +91,9 @@ def _chunks(text: str) -> list[str]:
     if len(text) <= 2 * CHUNK_CHARS:
         return [text]
     pieces, start = [], 0
-    for m in _CUT.finditer(text, CHUNK_CHARS):
-        if m.end() - start >= CHUNK_CHARS:
-            pieces.append(text[start : m.end()])
-            start = m.end()
+    while (m := _CUT.search(text, start + CHUNK_CHARS)) is not None:
+        pieces.append(text[start : m.end()])
+        start = m.end()
     pieces.append(text[start:])
     return pieces
 
@@ -98,9 +103,10 @@ def _keyed_unit(seed: int, tag: bytes, digest: bytes) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-def process_file(path: str, src: dict[str, Any], params: dict[str, Any], tok_json: bytes) -> dict[str, Any]:
+def process_file(path: str, src: dict[str, Any], params: dict[str, Any], tok_json: bytes | list[Any],
+                 tok_sha: str | None = None) -> dict[str, Any]:
     """One input file -> per-document status, hash, split, repeats and token ids (a pure function)."""
-    tok, chunkable = _tokenizer(tok_json)
+    tok, chunkable = _tokenizer(tok_json, tok_sha)
     docs = read_documents(path, src["format"], src["text_field"], src["doc_split"])
     status, hashes, valid, copies, chars, keep_text = [], [], [], [], [], []
     weight, seed = float(src["weight"]), int(params["seed"])
@@ -134,7 +140,7 @@ def process_file(path: str, src: dict[str, Any], params: dict[str, Any], tok_jso
     for d, e in zip(owner, encs):
         lengths[d] += len(e.ids)
     dtype = params["dtype"]
-    tokens = np.fromiter((i for e in encs for i in e.ids), dtype=dtype, count=int(lengths.sum()))
+    tokens = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encs]) if encs else np.zeros(0, dtype)
     return {
         "status": np.asarray(status, dtype=np.int8),
         "hashes": hashes,
@@ -316,7 +322,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
     n_docs = n_tokens = 0
     with ray_session(d.num_workers):
         task = ray.remote(num_cpus=1, max_retries=2)(process_file)
-        tok_ref = ray.put(tok_json)
+        tok_ref, tok_sha = [ray.put(tok_json)], sha256_bytes(tok_json)  # in a list: not resolved per task
         pending: dict[Any, int] = {}
         done: dict[int, dict[str, Any]] = {}
         nxt_submit = nxt_consume = 0
@@ -325,7 +331,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
             # at most num_workers tasks in flight (the parallelism), and a bounded read-ahead
             while nxt_submit < len(files) and len(pending) < d.num_workers and len(done) < 4 * d.num_workers:
                 si, path = files[nxt_submit]
-                pending[task.remote(path, srcs[si], params, tok_ref)] = nxt_submit
+                pending[task.remote(path, srcs[si], params, tok_ref, tok_sha)] = nxt_submit
                 nxt_submit += 1
             if nxt_consume not in done:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
