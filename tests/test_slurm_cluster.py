@@ -237,3 +237,19 @@ def test_data_pipeline_template_runs_a_ray_cluster_inside_the_allocation(cluster
     out = (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
     assert _member_states(states) == ["COMPLETED"], out
     assert 'RAY {"cpus": 2.0, "task": 42}' in out and "pipeline exited with code 0; stopping Ray" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MEGADIFF_SLURM_TIMELIMIT_TEST"),
+                    reason="takes 1.5-3 min: set MEGADIFF_SLURM_TIMELIMIT_TEST=1 to run it")
+def test_time_limit_signal_saves_and_requeues_until_done(cluster, tmp_path, standin):
+    """The real `--signal=B:USR1@T` timer: a 70 s job under a 1 min limit finishes through requeues."""
+    rd = tmp_path / "limit"
+    req = JobRequest(name="md-test-limit", run_dirs=[rd], commands=[_cmd(standin, rd, 700)], gpus_per_node=0,
+                     time="00:01:00", signal_seconds=30)
+    sub = slurm.submit(req, cluster)
+    states = slurm.wait(sub.job_ids, timeout=600)
+    m = states[sub.job_id][0]
+    ev = _events(rd, 0)
+    assert m["JobState"] == "COMPLETED" and int(m["Restarts"]) >= 1 and ev[-1] == "done 700", (m, ev)
+    assert sum(e.startswith("signal USR1") for e in ev) == int(m["Restarts"])
