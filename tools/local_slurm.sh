@@ -29,7 +29,13 @@ need_root() {
   fi
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE NAME: the PID in the file is running and is NAME (a stale file's PID may have been reused)
+alive() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
 
 install_packages() {
   local missing=()
@@ -41,7 +47,7 @@ install_packages() {
   log "installing ${missing[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
 }
 
 write_config() {
@@ -117,7 +123,7 @@ EOF
 }
 
 start_munge() {
-  if alive "$MUNGE_PID" && munge -n </dev/null | unmunge >/dev/null 2>&1; then return 0; fi
+  if alive "$MUNGE_PID" munged && munge -n </dev/null | unmunge >/dev/null 2>&1; then return 0; fi
   mkdir -p /run/munge /var/lib/munge /var/log/munge
   if [ ! -s /etc/munge/munge.key ]; then
     log "creating /etc/munge/munge.key"
@@ -142,7 +148,7 @@ start_munge() {
 
 stop_daemon() {  # pidfile name
   local pidf=$1 name=$2 pid
-  alive "$pidf" || { rm -f "$pidf"; return 0; }
+  alive "$pidf" "$name" || { rm -f "$pidf"; return 0; }
   pid=$(cat "$pidf")
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -153,7 +159,7 @@ stop_daemon() {  # pidfile name
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1; }
 
 healthy() {
-  alive "$CTLD_PID" && alive "$SLURMD_PID" || return 1
+  alive "$CTLD_PID" slurmctld && alive "$SLURMD_PID" slurmd || return 1
   case "$(node_state)" in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac
 }
 
@@ -199,7 +205,7 @@ cmd_stop() {
 cmd_status() {
   local ok=0
   for d in "slurmctld:$CTLD_PID" "slurmd:$SLURMD_PID" "munged:$MUNGE_PID"; do
-    if alive "${d#*:}"; then echo "${d%%:*}: running (pid $(cat "${d#*:}"))"; else echo "${d%%:*}: stopped"; ok=1; fi
+    if alive "${d#*:}" "${d%%:*}"; then echo "${d%%:*}: running (pid $(cat "${d#*:}"))"; else echo "${d%%:*}: stopped"; ok=1; fi
   done
   if [ $ok = 0 ]; then sinfo -N -o '%N %T %c %m %G' 2>/dev/null || ok=1; fi
   return $ok
