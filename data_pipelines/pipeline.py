@@ -217,6 +217,13 @@ def ray_session(num_workers: int) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if os.environ.get("RAY_ADDRESS"):  # a cluster started for us (megadiff slurm data-pipeline): join it
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING", log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = os.environ.get("MEGADIFF_RAY_TMP", "/tmp")
     Path(root).mkdir(parents=True, exist_ok=True)

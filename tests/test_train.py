@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ENV, ROOT, megadiff_cmd, run_cli, tiny_train_args
 
 pytestmark = pytest.mark.slow
@@ -171,7 +170,10 @@ def test_preemption_signal_saves_and_exits_75_then_resumes_identically(tiny_data
     stopped = (run / "checkpoints" / "latest").read_text().strip()
     assert "preempted (SIGUSR1)" in out and stopped != "step_000010"
     run_cli(*args, "--nproc-per-node", "2")
-    assert losses(run) == losses(reference)
+    got, ref = losses(run), losses(reference)
+    assert sorted(got) == sorted(ref) == list(range(1, 21))
+    for s in ref:  # DP=2 vs the DP=1 reference: same maths, different reduction order
+        assert math.isclose(got[s], ref[s], rel_tol=1e-6), (s, got[s], ref[s])
 
 
 def test_nan_guard_skips_updates_and_aborts(tiny_data, tmp_path):

@@ -10,7 +10,7 @@ mkdir -p "$dest"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" openai-whisper >/dev/null 2>&1; then
-  sdist=$(ls "$tmp"/openai_whisper-*.tar.gz "$tmp"/openai-whisper-*.tar.gz 2>/dev/null | head -1)
+  sdist=$(ls "$tmp"/*.tar.gz | head -1)
   member=$(tar -tzf "$sdist" | grep 'whisper/assets/gpt2.tiktoken$' | head -1)
   tar -xzf "$sdist" -C "$tmp" "$member"
   cp "$tmp/$member" "$dest/gpt2.tiktoken.part" && mv "$dest/gpt2.tiktoken.part" "$dest/gpt2.tiktoken"

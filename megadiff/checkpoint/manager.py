@@ -115,20 +115,22 @@ class CheckpointManager:
             raise MegadiffError(f"checkpoint {d} is missing megadiff.json; it is incomplete or not a megadiff "
                                 f"checkpoint. Point {self.root / 'latest'} at a complete step directory")
         extra = json.loads(meta.read_text())
-        if optimizer is not None:
-            _init_optimizer_state(optimizer)
-        sd = sharded_state_dict(model, optimizer, is_loading=True)
         try:
+            if optimizer is not None:
+                _init_optimizer_state(optimizer)
+            sd = sharded_state_dict(model, optimizer, is_loading=True)
             state = dist_checkpointing.load(sd, str(d))
-        except Exception as e:  # corrupt or missing shards: name the directory and the fix
+            model.load_state_dict(state["model"], strict=False)
+            if optimizer is not None:
+                _patch_state_setter(optimizer)
+                optimizer.load_state_dict(state["optimizer"])
+                _fix_shared_adam_step(optimizer)
+        except MegadiffError:
+            raise
+        except Exception as e:  # corrupt or missing shards, wrong model shape: name the directory and the fix
             raise MegadiffError(f"could not load checkpoint {d}: {type(e).__name__}: {str(e)[:500]}. The "
-                                f"checkpoint is corrupt or incomplete; point {self.root / 'latest'} at an older "
-                                f"step directory") from e
-        model.load_state_dict(state["model"], strict=False)
-        if optimizer is not None:
-            _patch_state_setter(optimizer)
-            optimizer.load_state_dict(state["optimizer"])
-            _fix_shared_adam_step(optimizer)
+                                f"checkpoint is corrupt, incomplete or from a different model shape; point "
+                                f"{self.root / 'latest'} at an older step directory or fix the model config") from e
         return extra
 
 

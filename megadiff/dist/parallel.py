@@ -60,6 +60,10 @@ def pick_device(pref: str) -> torch.device:
     if pref == "cuda" and not torch.cuda.is_available():
         raise MegadiffError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
     if pref == "cpu" or not torch.cuda.is_available():
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if pref == "auto" and vis not in (None, "", "-1") and os.environ.get("RANK", "0") == "0":
+            print(f"CUDA_VISIBLE_DEVICES={vis} but CUDA is not usable here (torch {torch.__version__}, "
+                  f"cuda available: False): training falls back to CPU with gloo", flush=True)
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 

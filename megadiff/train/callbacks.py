@@ -127,6 +127,20 @@ class NaNGuard(Callback):
             self.consecutive = 0
 
 
+_EARLY_SIGNAL: list[str] = []
+
+
+def install_early_signal_handlers() -> None:
+    """Catch SIGTERM/SIGUSR1 from process start (before the model is built); the Preemption
+    callback takes the flag over. Without this a signal during start-up kills the rank."""
+
+    def early(signum, _frame):
+        _EARLY_SIGNAL.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, early)
+
+
 class Preemption(Callback):
     """SIGTERM / SIGUSR1 or the wall-clock budget → finish the step, save, exit 75 (requeue)."""
 
@@ -143,6 +157,8 @@ class Preemption(Callback):
     def on_fit_start(self, trainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handler)
+        if _EARLY_SIGNAL:
+            self.requested, self.reason = True, _EARLY_SIGNAL[0]
 
     def local_flag(self) -> bool:
         if time.time() >= self.deadline and not self.requested:

@@ -90,6 +90,9 @@ def run(args) -> int:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_launcher and args.nproc_per_node * args.nnodes > 1:
         return spawn_workers(args)
+    from megadiff.train.callbacks import install_early_signal_handlers
+
+    install_early_signal_handlers()
     from megadiff.train.trainer import run_training
 
     return run_training(cfg)

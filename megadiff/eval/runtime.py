@@ -1,0 +1,115 @@
+"""Models for inference: load a trained checkpoint into one process, or reuse the trainer's model.
+
+    im = load_for_inference("runs/demo/train")          # a run dir (uses checkpoints/latest) or a step dir
+    logits = im.model_fn(tokens)                        # [B, L] -> [B, L, V_padded], no grad, eval mode
+    im.tokenizer, im.info (ManifestInfo), im.cfg (resolved config), im.step
+
+Any TP/PP layout loads into TP=1/PP=1 (dist_checkpointing reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megadiff import MegadiffError
+
+
+@dataclass
+class InferenceModel:
+    model: Any
+    model_fn: Callable[[torch.Tensor], torch.Tensor]
+    tokenizer: Any
+    info: Any
+    cfg: Any
+    step: int
+    ckpt_dir: Path
+    device: torch.device
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir, a checkpoints dir, or a step dir -> the step dir to load."""
+    from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
+
+    p = Path(path)
+    if (p / "megadiff.json").exists():
+        return p
+    for run_dir in (p, p.parent):
+        if (run_dir / "checkpoints").is_dir():
+            step = CheckpointManager(run_dir).latest_step()
+            if step is not None:
+                return run_dir / "checkpoints" / step_dir_name(step)
+    raise MegadiffError(f"no checkpoint found at {p}: pass a run directory holding checkpoints/latest, or a "
+                        f"checkpoints/step_XXXXXX directory (train one with `megadiff train CONFIG`)")
+
+
+def _model_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    from megadiff.model.build import forward_logits
+
+    @torch.no_grad()
+    def fn(tokens: torch.Tensor) -> torch.Tensor:
+        return forward_logits(model, tokens)
+
+    return fn
+
+
+def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | None = None) -> InferenceModel:
+    from megatron.core import dist_checkpointing
+
+    from megadiff.checkpoint.manager import CKPT_METADATA
+    from megadiff.config import from_yaml_text
+    from megadiff.data.tokenizer import load_from_dir
+    from megadiff.dist.parallel import init_parallel
+    from megadiff.model.build import build_model
+
+    ckpt = resolve_checkpoint(path)
+    cfg = from_yaml_text((ckpt / "config.yaml").read_text())
+    meta = json.loads((ckpt / "megadiff.json").read_text())
+    data = Path(data_dir or cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir)
+    tokenizer, info = load_from_dir(data)
+    ctx = init_parallel(1, 1, device, "auto", seed=0)
+    built = build_model(cfg.model, info.vocab_size, pg_collection=ctx.pg, device=ctx.device.type)
+    model = built.model
+    sd = model.sharded_state_dict(prefix="", metadata=CKPT_METADATA)
+    try:
+        state = dist_checkpointing.load({"model": sd}, str(ckpt))
+    except Exception as e:
+        raise MegadiffError(f"could not load the model weights of {ckpt}: {type(e).__name__}: {str(e)[:300]}") from e
+    model.load_state_dict(state["model"], strict=False)
+    model.eval()
+    return InferenceModel(model, _model_fn(model), tokenizer, info, cfg, int(meta["step"]), ckpt, ctx.device)
+
+
+def generate_from_trainer(trainer) -> None:
+    """End-of-training samples (unconditional), written to <run_dir>/samples.jsonl by rank 0.
+
+    Every rank runs the sampler with the same seed, so TP peers feed identical inputs to the
+    sharded model. Skipped under pipeline parallelism (use `megadiff sample` on the checkpoint).
+    """
+    from megadiff.data.tokenizer import load_from_dir
+    from megadiff.eval.generate import generate
+
+    tc = trainer.cfg.trainer
+    if trainer.ctx.pp > 1:
+        if trainer.ctx.rank == 0:
+            print("samples skipped under pipeline parallelism; run `megadiff sample` on the checkpoint", flush=True)
+        return
+    tokenizer, _ = load_from_dir(trainer.cfg.data.train[0].path)
+    model = trainer.built.model
+    model.eval()
+    out = trainer.run_dir / "samples.jsonl" if trainer.ctx.rank == 0 else None
+    recs = generate(_model_fn(model), tokenizer, [""] * tc.num_samples, gen_length=trainer.seq_len,
+                    sampler="ancestral", sampler_kwargs={"steps": tc.sample_steps}, batch_size=tc.num_samples,
+                    seed=tc.seed, vocab_size=trainer.info.vocab_size, mask_id=trainer.info.mask_id,
+                    device=trainer.ctx.device, out_path=None, progress=False)
+    model.train()
+    if out is not None:
+        from megadiff.utils.io import atomic_write_text
+
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
+        for i, r in enumerate(recs):
+            print(f"--- sample {i} ({r['nfe']} network calls, {r['seconds']:.1f} s)\n{r['sample'][:600]}", flush=True)
