@@ -157,6 +157,7 @@ class TrainerConfig:
     keep_every: int = 0  # ... and every M-th step (0: none)
     async_save: bool = True  # GPU only
     max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
+    stop_after: int = 0  # >0: save and exit with the requeue code once this step is reached (chunked jobs)
     nan_max_consecutive: int = 5  # abort after this many non-finite steps in a row
     peak_tflops: float = 0.0  # for MFU; 0 = detect (bf16 dense datasheet peak of known GPUs)
     progress: bool = True

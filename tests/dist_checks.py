@@ -79,7 +79,6 @@ def main(out_path: str) -> None:
     ref_loss = float(lo.loss_sum.detach())
     ref_tokens = float(lo.tokens)
     ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
-    ref_state = {k: v.detach().clone() for k, v in ref.state_dict().items() if torch.is_tensor(v)}
 
     # ---------------------------------------------------------------- DP=2 (megatron DDP, per-token loss)
     print(f'[{rank}] dp2', flush=True)

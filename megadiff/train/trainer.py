@@ -182,6 +182,8 @@ class Trainer:
                 ei = self.cfg.trainer.eval_interval
                 if ei > 0 and self.valid and (self.step % ei == 0 or self.step == self.max_steps):
                     self.evaluate_and_log()
+                if 0 < self.cfg.trainer.stop_after <= self.step < self.max_steps and not self.preemption.requested:
+                    self.preemption.requested, self.preemption.reason = True, f"trainer.stop_after={self.step}"
                 if self.preemption.requested:
                     reason = "preempted"
                     break
