@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "megadiff.tracking.cli",
     "launch.cli",
     "megadiff.sweeps.cli",
+    "megadiff.convert.cli",
 ]
 
 
