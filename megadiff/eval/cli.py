@@ -103,10 +103,49 @@ def register(sub) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _load(args) -> Any:
-    from megadiff.eval.runtime import load_for_inference
+def _light(args) -> Any:
+    """Tokenizer, dataset info and config of CKPT without building the model (input checks fail fast)."""
+    from types import SimpleNamespace
 
+    from megadiff.config import from_yaml_text
+    from megadiff.data.tokenizer import load_from_dir
+    from megadiff.eval.runtime import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if args.data_dir:
+        _check_data_dir(args.checkpoint, args.data_dir)
+    cfg = from_yaml_text((ckpt / "config.yaml").read_text())
+    data = args.data_dir or (cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir)
+    tokenizer, info = load_from_dir(data)
+    return SimpleNamespace(tokenizer=tokenizer, info=info, cfg=cfg, ckpt_dir=ckpt)
+
+
+def _load(args) -> Any:
+    from megadiff.eval.runtime import load_for_inference, resolve_checkpoint
+
+    resolve_checkpoint(args.checkpoint)  # a wrong path fails in a second, before torch/megatron load
+    if args.data_dir:
+        _check_data_dir(args.checkpoint, args.data_dir)
     return load_for_inference(args.checkpoint, device=args.device, data_dir=args.data_dir)
+
+
+def _check_data_dir(checkpoint: str, data_dir: str) -> None:
+    """--data-dir must hold the tokenizer the run was trained with (when the run's own data dir still exists)."""
+    from megadiff.config import from_yaml_text
+    from megadiff.data.format import manifest_info, read_manifest
+    from megadiff.eval.runtime import resolve_checkpoint
+
+    cfg = from_yaml_text((resolve_checkpoint(checkpoint) / "config.yaml").read_text())
+    given = manifest_info(read_manifest(data_dir), data_dir)
+    orig_dir = cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir
+    if not (Path(orig_dir) / "manifest.json").is_file() or Path(orig_dir).resolve() == Path(data_dir).resolve():
+        return
+    orig = manifest_info(read_manifest(orig_dir), orig_dir)
+    if (orig.tokenizer_sha256, orig.vocab_size) != (given.tokenizer_sha256, given.vocab_size):
+        raise MegadiffError(f"--data-dir {data_dir}: its tokenizer ({Path(given.tokenizer_path).name}, vocab "
+                            f"{given.vocab_size}) is not the one the model was trained with ({orig.tokenizer_path}, "
+                            f"vocab {orig.vocab_size}); text would be tokenized with the wrong vocabulary. Omit "
+                            f"--data-dir or point it at a dataset made with the run's tokenizer")
 
 
 def _run_dir(im: Any) -> Path:
@@ -177,7 +216,7 @@ def run_sample(args) -> int:
     prompts = _read_prompts(args)
     if not prompts and not args.infill:
         prompts = [""]
-    im = _load(args)
+    im = _light(args)
     mid, max_len = im.info.mask_id, int(im.cfg.model.max_seq_len)
     tok = im.tokenizer
     jobs = []  # (kind, text, canvas [1, L], fixed [L] bool)
@@ -195,6 +234,7 @@ def run_sample(args) -> int:
             raise MegadiffError(f"--infill {text[:40]!r}: {len(ids)} tokens exceed the model's context of {max_len}")
         canvas = torch.tensor([[i if f else mid for i, f in zip(ids, fixed)]], dtype=torch.int64)
         jobs.append(("infill", text, canvas, torch.tensor(fixed)))
+    im = _load(args)
     con = _console()
     records = []
     for kind, text, canvas, fixed in jobs:
@@ -268,10 +308,15 @@ def run_eval(args) -> int:
 
     if args.n_t < 1 or args.batches < 0 or args.batch_size < 1:
         raise MegadiffError("--n-t and --batch-size must be >= 1, --batches >= 0")
-    for t in args.text:  # fail on a missing file before loading the model
+    for t in args.text:  # fail on a missing or binary file before loading the model
         if not Path(t).is_file():
             raise MegadiffError(f"--text {t}: no such file")
-    im = _load(args)
+        try:
+            Path(t).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MegadiffError(f"--text {t}: not UTF-8 text ({e}); pass a plain text file (for pre-tokenized "
+                                f"data use `megadiff data tokenize` and --data)") from None
+    im = _light(args)  # read and check all the data before loading the model
     max_seqs = args.batches * args.batch_size
     data = list(args.data)
     if not data and not args.text:
@@ -284,6 +329,7 @@ def run_eval(args) -> int:
     for i, s in enumerate(sets):  # distinct names (JSON keys, MLflow metric names)
         if names.count(s.name) > 1:
             s.name = f"{s.name}#{i}"
+    im = _load(args)
     objective = im.cfg.diffusion.objective
     results = evaluate_sets(im, sets, n_t=args.n_t, batch_size=args.batch_size, seed=args.seed,
                             t_mode=args.t_mode, progress=not args.no_progress)
@@ -374,6 +420,9 @@ def _run_gen_quality(args) -> int:
         raise MegadiffError("--samplers and --steps need at least one entry, steps and --num >= 1")
     if not Path(args.scorer).exists():
         raise MegadiffError(f"--scorer {args.scorer}: no such file or directory")
+    from megadiff.eval.genquality import check_scorer
+
+    check_scorer(args.scorer)  # before loading anything
     im = _load(args)
     from megadiff.diffusion.samplers import SAMPLERS
 

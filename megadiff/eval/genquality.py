@@ -112,6 +112,25 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------- scorers
 
 
+def _is_hf_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "megadiff.json").is_file()
+
+
+def check_scorer(path: str) -> None:
+    """Cheap checks of --scorer (no model load): a megadiff checkpoint must be an `ar` one."""
+    if _is_hf_dir(path):
+        return
+    from megadiff.config import from_yaml_text
+    from megadiff.eval.runtime import resolve_checkpoint
+
+    cfg = from_yaml_text((resolve_checkpoint(path) / "config.yaml").read_text())
+    if cfg.diffusion.objective != "ar":
+        raise MegadiffError(f"--scorer {path}: trained with diffusion.objective={cfg.diffusion.objective}; the scorer "
+                            f"must be an autoregressive model (diffusion.objective=ar) or a local Hugging Face "
+                            f"causal LM directory")
+
+
 class ARScorer:
     """A megadiff checkpoint trained with ``diffusion.objective=ar``."""
 
@@ -197,7 +216,7 @@ class HFScorer:
 
 def load_scorer(path: str, im: Any):
     p = Path(path)
-    if (p / "config.json").is_file() and not (p / "megadiff.json").is_file():
+    if _is_hf_dir(p):
         return HFScorer(path, im.device)
     if not p.exists():
         raise MegadiffError(f"--scorer {p}: no such file or directory")

@@ -97,14 +97,15 @@ def text_set(im: Any, path: str, max_seqs: int = 0, seq_len: int | None = None) 
     if ids.size and (int(ids.max()) >= im.info.vocab_size or bool((ids == im.info.mask_id).any())):
         raise MegadiffError(f"--text {p}: tokenized to ids outside the model's vocab {im.info.vocab_size} (or to "
                             f"[MASK]); the tokenizer does not match the model")
-    n = ids.size // L
+    n = n_full = ids.size // L
     if n == 0:
         raise MegadiffError(f"--text {p}: only {ids.size} tokens, fewer than one window of seq_len={L}; "
                             f"give a longer file")
     if max_seqs:
         n = min(n, max_seqs)
     seqs = ids[: n * L].reshape(n, L)
-    return EvalSet(p.name, "text", str(p), seqs, {"file_tokens": int(ids.size), "dropped_tokens": int(ids.size - n * L)})
+    return EvalSet(p.name, "text", str(p), seqs, {"file_tokens": int(ids.size), "available_sequences": int(n_full),
+                                                   "tail_tokens_dropped": int(ids.size - n_full * L)})
 
 
 @torch.no_grad()
