@@ -102,6 +102,7 @@ def test_reshard_chain_and_resume(ckpts, tiny_data):
         assert "resumed from" in p.stdout and "(step 0" in p.stdout
 
 
+@pytest.mark.slow
 def test_to_torch(ckpts, tmp_path):
     from safetensors.torch import load_file
 
@@ -181,6 +182,7 @@ def test_from_hf_causal_parity(kind, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_bad_inputs(ckpts, tmp_path):
     from megadiff.convert.hf import import_hf
     from megadiff.convert.reshard import reshard
