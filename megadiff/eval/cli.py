@@ -120,7 +120,18 @@ def _light(args) -> Any:
     return SimpleNamespace(tokenizer=tokenizer, info=info, cfg=cfg, ckpt_dir=ckpt)
 
 
+def _quiet_warnings() -> None:
+    """megatron/torch import-time notices (no Apex/TE, deprecations) are noise for a user of these commands."""
+    import warnings
+
+    for mod in ("megatron", "torch.distributed", "torch.distributed.checkpoint"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=mod)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=mod)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=mod)
+
+
 def _load(args) -> Any:
+    _quiet_warnings()
     from megadiff.eval.runtime import load_for_inference, resolve_checkpoint
 
     resolve_checkpoint(args.checkpoint)  # a wrong path fails in a second, before torch/megatron load
@@ -244,8 +255,8 @@ def run_sample(args) -> int:
                             remasking=args.remasking)
         if args.no_cache and "schedule" in kw and args.sampler in ("ancestral", "block"):
             kw["cache"] = False
-        if kind == "infill" and args.sampler == "block" and not args.block_length:
-            kw.pop("eos_id")  # EOS early stop makes no sense when text follows the spans
+        if kind == "infill" and args.sampler == "block":
+            kw.pop("eos_id")  # no EOS early stop when fixed text follows the spans
         toks, stats = run_sampler(im, canvas.expand(args.num, -1), args.sampler, kw, seed=args.seed,
                                   batch_size=args.batch_size, progress=not args.no_progress,
                                   desc=f"{args.sampler} ({kind} {len(records) // args.num + 1}/{len(jobs)})")

@@ -325,7 +325,7 @@ def plot_gen_quality(res: dict, path: str | Path) -> Path:
         axis.set_minor_formatter(NullFormatter())
     scorer = res["scorer"]
     fig.suptitle(f"step {res['step']}: sample quality vs NFE (scorer {Path(scorer.split(':', 1)[-1]).name}, "
-                 f"T={res['temperature']})", fontsize=10)
+                 f"temperature {res['temperature']})", fontsize=10)
     fig.tight_layout()
     with atomic_output_file(path) as f:
         fig.savefig(f, format="png")
