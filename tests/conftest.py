@@ -32,7 +32,7 @@ def tiny_data(tmp_path_factory) -> Path:
     run_cli("data", "tokenize", "configs/data_shakespeare.yaml", f"data.out_dir={out}", "data.seq_len=64",
             "data.tokenizer.vocab_size=512", "data.tokenizer.sample_bytes=2000000",
             "data.sources.0.paths=[pkg://shksprdata/texts/a*_gut.txt,pkg://shksprdata/texts/c*_gut.txt]",
-            "data.valid_fraction=0.3",
+            "data.sources.0.doc_split=blank_line", "data.min_chars=20", "data.valid_fraction=0.1",
             "data.num_workers=1", "data.samples_per_shard=256", "--no-progress")
     assert (out / "manifest.json").exists()
     return out

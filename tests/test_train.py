@@ -155,7 +155,7 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_data, reference, tm
     for f in (run / "checkpoints" / "step_000010").glob("*.distcp"):
         f.write_bytes(b"garbage")
     p = run_cli(*tiny_train_args(tiny_data, run, "tracking.enabled=false"), check=False)
-    assert p.returncode == 2 and "could not load checkpoint" in p.stderr and "step_000010" in p.stderr
+    assert p.returncode == 2 and "could not load checkpoint" in p.stderr and "step_000010" in p.stderr, p.stderr[-3000:]
 
 
 def test_preemption_signal_saves_and_exits_75_then_resumes_identically(tiny_data, reference, tmp_path):

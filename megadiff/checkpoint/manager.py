@@ -127,7 +127,9 @@ class CheckpointManager:
                 _fix_shared_adam_step(optimizer)
         except MegadiffError:
             raise
-        except Exception as e:  # corrupt or missing shards, wrong model shape: name the directory and the fix
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch DCP's CheckpointException is a BaseException; corrupt/missing shards
             raise MegadiffError(f"could not load checkpoint {d}: {type(e).__name__}: {str(e)[:500]}. The "
                                 f"checkpoint is corrupt, incomplete or from a different model shape; point "
                                 f"{self.root / 'latest'} at an older step directory or fix the model config") from e

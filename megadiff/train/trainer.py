@@ -163,7 +163,7 @@ class Trainer:
         if stop > 0:
             self.preemption.requested = True
         return {
-            "step": self.step, "loss": loss, "nelbo": loss if self.cfg.diffusion.objective == "mdlm" else float("nan"),
+            "step": self.step, "loss": loss, "nelbo": loss if self.cfg.diffusion.objective in ("mdlm", "ar") else float("nan"),
             "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tps,
             "tflops": tps * self.flops_tok / 1e12 / self.ctx.world, "mfu": mfu(tps / self.ctx.world, self.flops_tok,
                                                                                self.peak_tflops),
