@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -86,8 +87,18 @@ def test_tiny_sweep_plan_launch_local_fit(tmp_path, capsys, monkeypatch):
     assert main(["sweep", "plan", str(sweep)]) == 0
     plan = plan_sweep(load_sweep(sweep))
     assert len(plan.feasible) == 6 and sum(r.steps for r in plan.feasible) < 600
+    # rank/rendezvous variables of the calling process (here: a port already taken) must not reach the runs
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1]), "RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
     t0 = time.time()
-    assert main(["sweep", "launch", str(sweep), "--executor", "local"]) == 0, capsys.readouterr().out
+    try:
+        assert main(["sweep", "launch", str(sweep), "--executor", "local"]) == 0, capsys.readouterr().out
+    finally:
+        busy.close()
     launch_s = time.time() - t0
     assert main(["sweep", "launch", str(sweep)]) == 0  # relaunch: nothing to do
     assert "6 runs finished (skipped), 0 to run" in capsys.readouterr().out

@@ -80,11 +80,18 @@ def init_parallel(tp: int = 1, pp: int = 1, device: str = "auto", backend: str =
     if not dist.is_initialized():
         be = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(be)
+            try:
+                dist.init_process_group(be)
+            except dist.DistNetworkError as e:
+                raise MegadiffError(
+                    f"rendezvous at MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
+                    f"MASTER_PORT={os.environ.get('MASTER_PORT')} failed ({str(e).splitlines()[-1]}); "
+                    "pick a free port (--master-port) or unset RANK/WORLD_SIZE/MASTER_* left over from another job"
+                ) from None
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group(be, rank=0, world_size=1)
+            # one process: an in-memory store, no TCP port and no MASTER_* environment to leak into
+            # child processes (a stale MASTER_PORT made sweep children fail with "address in use")
+            dist.init_process_group(be, store=dist.HashStore(), rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     if dev.type == "cpu" and world > 1:
         torch.set_num_threads(1)  # 2+ threads per rank on few cores made steps spike 30-100x

@@ -170,10 +170,23 @@ def train_argv(plan: Plan, run: PlannedRun, parent_id: str | None, command: list
     return base + [plan.base_config] + run.train_overrides(parent_id)
 
 
+_RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+             "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return f"    (cannot read {path}: {e})"
+    return "\n".join("    " + ln for ln in lines[-n:])
+
+
 def launch_local(plan: Plan, runs: list[PlannedRun], parent_id: str, *, parallel: int = 1,
                  command: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, int]:
     """Run `megadiff train` for each run (up to `parallel` at once); returns {run name: exit code}."""
-    env = dict(os.environ)
+    # each run is its own job: rendezvous/rank variables of the calling process must not leak into it
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
     if parallel > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     queue = list(runs)
@@ -205,7 +218,8 @@ def launch_local(plan: Plan, runs: list[PlannedRun], parent_id: str, *, parallel
                                       {"source": "local executor", "time": time.time(), "seconds": time.time() - t0})
                     echo(f"[sweep {plan.sweep_id}] finished {name} in {time.time() - t0:.0f}s")
                 else:
-                    echo(f"[sweep {plan.sweep_id}] FAILED {name} (exit {rc}); see {log.name}")
+                    echo(f"[sweep {plan.sweep_id}] FAILED {name} (exit {rc}); see {log.name}; its last lines:")
+                    echo(_tail(Path(log.name), 12))
     except BaseException:
         for proc, _log, _ in live.values():  # only the processes this function started
             proc.terminate()
