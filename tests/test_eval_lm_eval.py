@@ -1,17 +1,22 @@
-"""lm-evaluation-harness adapter on a real tiny checkpoint; skipped when `lm_eval` is not installed.
+"""lm-evaluation-harness adapter on a real tiny checkpoint; skipped when `lm_eval` is not installed
+(it is in the `dev` extra, so `make test` runs it).
 
 The "task" is a small local two-choice set built from real Shakespeare lines (no download): the true
-continuation of a line must get a higher Monte Carlo ELBO than a shuffled-token continuation.
+continuation of a line must get a higher Monte Carlo ELBO than random tokens, both called directly and through
+`megadiff lm-eval` (lm_eval.simple_evaluate) on a task YAML over a local JSONL file.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported: never reach for the Hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval.api.model", reason="lm-eval not installed (optional: pip install lm-eval)")
 
 from tests.conftest import run_cli, tiny_train_args  # noqa: E402
@@ -23,7 +28,9 @@ def lm(tiny_data, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("lmeval") / "mdm"
     run_cli(*tiny_train_args(tiny_data, run, "trainer.max_steps=30", "tracking.enabled=false"))
-    return MegadiffLM(pretrained=str(run), mc_samples=16, batch_size=17, max_gen_toks=16, steps=8)
+    model = MegadiffLM(pretrained=str(run), mc_samples=16, batch_size=17, max_gen_toks=16, steps=8)
+    model.pretrained = str(run)
+    return model
 
 
 def _inst(kind: str, args: tuple, i: int = 0):
@@ -72,3 +79,37 @@ def test_rolling_and_generate_until(lm):
 def test_adapter_file_documents_install():
     src = (Path(__file__).resolve().parents[1] / "megadiff" / "eval" / "lm_eval_adapter.py").read_text()
     assert "pip install lm-eval" in src
+
+
+def test_lm_eval_cli_runs_a_local_multiple_choice_task(lm, tmp_path):
+    """`megadiff lm-eval`: the harness itself drives the adapter on a task YAML over a local JSONL file."""
+    import json
+
+    pairs = _pairs(lm)
+    rows = [{"context": c, "choices": [t, f] if i % 2 == 0 else [f, t], "label": i % 2}
+            for i, (c, t, f) in enumerate(pairs)]
+    data = tmp_path / "shakespeare_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "shakespeare_mc.yaml").write_text(
+        "task: megadiff_shakespeare_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'hf_cache'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\n"
+        "target_delimiter: ''\n"  # the lines were cut mid-sentence: no extra space before the choice
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    out = tmp_path / "lm_eval.json"
+    p = run_cli("lm-eval", lm.pretrained, "--tasks", "megadiff_shakespeare_mc", "--include-path", str(tasks),
+                "--mc-samples", "16", "--batch-size", "17", "--device", "cpu", "--out", str(out))
+    assert "megadiff_shakespeare_mc" in p.stdout and "acc" in p.stdout  # the harness's table
+    res = json.loads(out.read_text())
+    assert res["n_samples"]["megadiff_shakespeare_mc"]["effective"] == len(pairs)
+    assert res["results"]["megadiff_shakespeare_mc"]["acc,none"] >= 7 / 8, res["results"]
+    bad = run_cli("lm-eval", lm.pretrained, "--tasks", "no_such_task", "--include-path", str(tasks), check=False)
+    assert bad.returncode != 0 and "unknown task(s) no_such_task" in bad.stderr

@@ -1,9 +1,10 @@
-"""`megadiff sample` and `megadiff eval`: generate from a checkpoint; zero-shot likelihood and sample quality.
+"""`megadiff sample`, `megadiff eval` and `megadiff lm-eval`: generate from a checkpoint; zero-shot likelihood and sample quality.
 
     megadiff sample runs/tiny --prompt "ROMEO:" --num 2 --sampler first_hitting --out samples.jsonl
     megadiff sample runs/tiny --infill "To be, or [MASK:6] to be" --num 3
     megadiff eval runs/tiny --data runs/data/wiki:valid --text notes.txt --n-t 8 --out eval.json --mlflow
     megadiff eval runs/tiny --gen-quality --scorer runs/ar --samplers ancestral,first_hitting --steps 16,64
+    megadiff lm-eval runs/tiny --tasks my_task --include-path tasks/ --mc-samples 64
 
 CKPT is a run directory (its checkpoints/latest) or a checkpoints/step_XXXXXX directory.
 Heavy imports stay inside the handlers (fast --help).
@@ -98,6 +99,29 @@ def register(sub) -> None:
     g.add_argument("--plot", default=None, help="PNG (default: next to the JSON, .png)")
     _sampling_opts(g)
     e.set_defaults(func=run_eval)
+
+    h = sub.add_parser(
+        "lm-eval", help="run EleutherAI lm-evaluation-harness tasks on a checkpoint",
+        description="Run lm-evaluation-harness tasks (pip install lm-eval, or the `lmeval` extra) through "
+                    "megadiff's adapter: loglikelihood = Monte Carlo ELBO of the continuation (LLaDA/SMDM), "
+                    "generate_until through a sampler. Tasks come from the harness or from YAML files in "
+                    "--include-path (a local task over a JSONL file needs no network).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    h.add_argument("checkpoint", metavar="CKPT", help="run directory (uses checkpoints/latest) or a step directory")
+    h.add_argument("--tasks", required=True, help="comma-separated task names")
+    h.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction if < 1)")
+    h.add_argument("--mc-samples", type=int, default=32, help="Monte Carlo draws per loglikelihood request")
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--sampler", default="ancestral", help="sampler for generate_until")
+    h.add_argument("--steps", type=int, default=None, help="sampler steps for generate_until (default: length)")
+    h.add_argument("--max-gen-toks", type=int, default=64)
+    h.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", default=None, help="JSON result (default: <run_dir>/eval/lm-eval-step<N>.json)")
+    h.set_defaults(func=run_lm_eval)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -481,3 +505,45 @@ def _print_gq_table(res: dict) -> None:
     if ref:
         t.add_row("[dim]held-out data[/dim]", "", "", f"{ref['gen_ppl']:.2f}", f"{ref['entropy']:.3f}", "")
     _console().print(t)
+
+
+def run_lm_eval(args) -> int:
+    from megadiff.eval.runtime import resolve_checkpoint
+    from megadiff.utils.io import atomic_write_json
+
+    resolve_checkpoint(args.checkpoint)  # a wrong path fails before the harness and the model load
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise MegadiffError(f"--include-path {args.include_path}: no such folder of task YAML files")
+    if args.mc_samples < 1 or args.batch_size < 1:
+        raise MegadiffError("--mc-samples and --batch-size must be >= 1")
+    _quiet_warnings()
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from megadiff.eval.lm_eval_adapter import MegadiffLM
+    except ImportError as e:
+        raise MegadiffError(f"lm-evaluation-harness is not installed ({e}): pip install lm-eval "
+                            "(or pip install -e '.[lmeval]')") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tm = TaskManager(include_path=args.include_path)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise MegadiffError(f"--tasks: unknown task(s) {', '.join(unknown)}; "
+                            + ("check the names in --include-path's YAML files (`task:` keys)" if args.include_path
+                               else "pass --include-path for local task YAML files, or see `lm_eval --tasks list`"))
+    lm = MegadiffLM(pretrained=args.checkpoint, mc_samples=args.mc_samples, batch_size=args.batch_size,
+                    sampler=args.sampler, steps=args.steps, max_gen_toks=args.max_gen_toks, device=args.device,
+                    seed=args.seed)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, num_fewshot=args.num_fewshot,
+                          limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed,
+                          torch_random_seed=args.seed, log_samples=False)
+    print(make_table(out))
+    record = {"checkpoint": str(lm.im.ckpt_dir), "step": lm.im.step, "tasks": tasks, "mc_samples": args.mc_samples,
+              "sampler": args.sampler, "steps": args.steps, "results": out["results"],
+              "n_samples": out.get("n-samples"), "versions": out.get("versions")}
+    path = Path(args.out) if args.out else _default_out(lm.im, "lm-eval")
+    atomic_write_json(path, json.loads(json.dumps(record, default=str)))
+    print(f"result -> {path}")
+    return 0
