@@ -96,7 +96,9 @@ def test_tiny_sweep_plan_launch_local_fit(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv(k, v)
     t0 = time.time()
     try:
-        assert main(["sweep", "launch", str(sweep), "--executor", "local"]) == 0, capsys.readouterr().out
+        # two runs at a time on 2 cores, sharing one sqlite MLflow store (as the Slurm variant below does)
+        assert main(["sweep", "launch", str(sweep), "--executor", "local", "--parallel", "2"]) == 0, \
+            capsys.readouterr().out
     finally:
         busy.close()
     launch_s = time.time() - t0

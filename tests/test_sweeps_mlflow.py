@@ -78,7 +78,7 @@ def sweep(tmp_path, monkeypatch):
                               for w in (32, 48, 64)]},
         "hparams": {"global_batch": 16, "micro_batch": 8, "min_steps": 5},
         "fit": {"bootstrap": 20},
-        "launch": {"train_command": [sys.executable, str(fake)]},
+        "launch": {"train_command": [sys.executable, str(fake)], "parallel": 2},  # 2 stand-ins at a time
     }
     p = tmp_path / "sweep.yaml"
     p.write_text(yaml.safe_dump(spec))

@@ -97,7 +97,11 @@ class ProgressBar(Callback):
 
     def on_eval(self, trainer, step, metrics):
         if trainer.ctx.is_logging_rank:
-            msg = f"eval  step {step:>6} | val nelbo {metrics['nelbo']:.4f} nats/token | ppl bound {metrics['ppl_bound']:.2f}"
+            if trainer.cfg.diffusion.objective == "ar":  # exact likelihood, not a bound
+                msg = f"eval  step {step:>6} | val nll {metrics['nelbo']:.4f} nats/token | ppl {metrics['ppl_bound']:.2f}"
+            else:
+                msg = (f"eval  step {step:>6} | val nelbo {metrics['nelbo']:.4f} nats/token | "
+                       f"ppl bound {metrics['ppl_bound']:.2f}")
             (self.bar.write if self.bar is not None else print)(msg)
 
     def on_fit_end(self, trainer, reason):
