@@ -152,22 +152,13 @@ class ARScorer:
 
     @torch.no_grad()
     def nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[tuple[float, int]]:
-        """(sum of next-token NLL, tokens scored) per sequence; long ones are scored in max_len chunks."""
         from megadiff.diffusion.objectives import token_ce
 
-        out = []
-        for ids in seqs:
-            tot, n = 0.0, 0
-            for s in range(0, max(1, len(ids) - 1), self.max_len - 1):
-                chunk = ids[s : s + self.max_len]
-                if len(chunk) < 2:
-                    break
-                x = torch.tensor([chunk], dtype=torch.int64, device=self.im.device)
-                ce = token_ce(self.im.model_fn(x)[:, :-1], x[:, 1:], self.im.info.vocab_size, self.im.info.mask_id)
-                tot += float(ce.to(torch.float64).sum())
-                n += ce.numel()
-            out.append((tot, n))
-        return out
+        def chunk_nll(x: torch.Tensor) -> float:
+            ce = token_ce(self.im.model_fn(x)[:, :-1], x[:, 1:], self.im.info.vocab_size, self.im.info.mask_id)
+            return float(ce.to(torch.float64).sum())
+
+        return _chunked_nll(seqs, self.max_len, self.im.device, chunk_nll)
 
 
 class HFScorer:
@@ -198,20 +189,28 @@ class HFScorer:
 
     @torch.no_grad()
     def nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[tuple[float, int]]:
-        out = []
-        for ids in seqs:
-            tot, n = 0.0, 0
-            for s in range(0, max(1, len(ids) - 1), self.max_len - 1):
-                chunk = ids[s : s + self.max_len]
-                if len(chunk) < 2:
-                    break
-                x = torch.tensor([chunk], dtype=torch.int64, device=self.device)
-                logits = self.model(x).logits.float()
-                ce = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-                tot += float(ce)
-                n += len(chunk) - 1
-            out.append((tot, n))
-        return out
+        def chunk_nll(x: torch.Tensor) -> float:
+            logits = self.model(x).logits.float()
+            return float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+
+        return _chunked_nll(seqs, self.max_len, self.device, chunk_nll)
+
+
+def _chunked_nll(seqs: list[list[int]], max_len: int, device: torch.device,
+                 chunk_nll: Any) -> list[tuple[float, int]]:
+    """(sum of next-token NLL, tokens scored) per sequence; long ones are scored in max_len chunks that
+    overlap by one token, so every token after the first is scored exactly once."""
+    out = []
+    for ids in seqs:
+        tot, n = 0.0, 0
+        for s in range(0, max(1, len(ids) - 1), max_len - 1):
+            chunk = ids[s : s + max_len]
+            if len(chunk) < 2:
+                break
+            tot += chunk_nll(torch.tensor([chunk], dtype=torch.int64, device=device))
+            n += len(chunk) - 1
+        out.append((tot, n))
+    return out
 
 
 def load_scorer(path: str, im: Any):
