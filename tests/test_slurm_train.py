@@ -115,24 +115,3 @@ def test_preempted_job_checkpoints_requeues_resumes_with_identical_losses(refere
     assert losses == ref, [(s, losses[s], ref[s]) for s in ref if losses.get(s) != ref[s]][:5]
     assert (rd / "mlflow_run_id").read_text().strip() == run_id
     assert _mlflow_runs(rd) == [(run_id, "FINISHED")]  # the resumed job continued the same MLflow run
-
-
-def test_sweep_job_array_trains_every_member(cluster, tiny_data, tmp_path):
-    """submit_array (the sweep launcher's entry point): one array, each member its own run and MLflow run."""
-    lrs = ["1.0e-3", "3.0e-3"]
-    specs = [slurm.RunSpec("configs/tiny_cpu.yaml",
-                           tiny_train_args(tiny_data, tmp_path / f"lr{lr}", f"optim.lr={lr}", "trainer.max_steps=8",
-                                           "trainer.eval_interval=0", "trainer.save_interval=0")[2:])
-             for lr in lrs]
-    sub = slurm.submit_array(specs, "local", sweep_dir=tmp_path / "sweep", gpus_per_node=0, tasks_per_node=1,
-                             time="00:10:00", max_parallel=2)
-    states = slurm.wait(sub.job_ids, timeout=300)
-    assert [m["JobState"] for m in states[sub.job_id]] == ["COMPLETED"] * 2, (states, _diagnose(tmp_path / "sweep"))
-    losses = []
-    for lr in lrs:
-        rd = tmp_path / f"lr{lr}"
-        assert (rd / "checkpoints" / "step_000008").is_dir() and (rd / "slurm" / "DONE").exists()
-        assert [s for _, s in _mlflow_runs(rd)] == ["FINISHED"]
-        losses.append(_losses(rd))
-        assert sorted(losses[-1]) == list(range(1, 9))
-    assert losses[0][1] == losses[1][1] and losses[0][8] != losses[1][8]  # same start, different lr

@@ -1,8 +1,9 @@
 """A real tiny sweep on CPU: plan -> launch (real `megadiff train`) -> fit, 2 budgets x 3 sizes x MDM.
 
 Uses the shipped configs/sweeps/tiny_cpu.yaml with a small synthetic dataset (vocab 128, seq_len
-32: a sparse Markov chain over 32 symbols, learnable) and budgets scaled to it, so the six runs take ~2 minutes on
-2 cores. The Slurm variant submits the same sweep as one job array to the local test cluster.
+32: a sparse Markov chain over 32 symbols, learnable) and budgets scaled to it. The first budget's three runs
+go through the local executor (`--only`); the other three, when the local test cluster is up, as one Slurm
+job array (else locally too); then one fit over all six. About 1.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _check_fit(sweep: Path, plan) -> dict:
 
 
 @pytest.mark.slow
-def test_tiny_sweep_plan_launch_local_fit(tmp_path, capsys, monkeypatch):
+def test_tiny_sweep_local_and_slurm_executors_then_fit(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep = tiny_sweep(tmp_path)
@@ -94,13 +95,40 @@ def test_tiny_sweep_plan_launch_local_fit(tmp_path, capsys, monkeypatch):
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1]), "RANK": "0",
                  "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(k, v)
+    slurm_up = bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    if slurm_up:  # the other half goes through the Slurm executor: one sweep, two executors, one fit
+        prof = tmp_path / "local.yaml"
+        prof.write_text(yaml.safe_dump({"name": "local", "gpus_per_node": 0, "cpus_per_task": 1,
+                                        "time": "00:20:00", "env": {"OMP_NUM_THREADS": 1}}))
+        spec = yaml.safe_load(sweep.read_text())
+        spec["launch"]["slurm"] = {"cluster": str(prof), "nodes": 1, "gpus_per_node": 0, "max_parallel": 2}
+        sweep.write_text(yaml.safe_dump(spec))
     t0 = time.time()
     try:
-        # two runs at a time on 2 cores, sharing one sqlite MLflow store (as the Slurm variant below does)
-        assert main(["sweep", "launch", str(sweep), "--executor", "local", "--parallel", "2"]) == 0, \
-            capsys.readouterr().out
+        # two runs at a time on 2 cores, sharing one sqlite MLflow store
+        assert main(["sweep", "launch", str(sweep), "--executor", "local", "--parallel", "2",
+                     "--only", "mdlm-c5e9-*"]) == 0, capsys.readouterr().out
     finally:
         busy.close()
+    out = capsys.readouterr().out
+    assert "launching 3 of them" in out and "3 runs not launched (--only)" in out
+    assert main(["sweep", "launch", str(sweep), "--only", "nosuch-*"]) == 2
+    assert "matches no planned run" in capsys.readouterr().err
+    rest = [r for r in plan.feasible if not r.name.startswith("mdlm-c5e9-")]
+    if slurm_up:
+        assert main(["sweep", "launch", str(sweep), "--executor", "slurm"]) == 0
+        out = capsys.readouterr().out
+        assert "3 runs finished (skipped), 3 to run" in out and "submitted job array" in out
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if all((Path(r.run_dir) / "slurm" / "DONE").exists() for r in rest) or _array_gone(plan):
+                break
+            time.sleep(3)
+        missing = [r.name for r in rest if not (Path(r.run_dir) / "slurm" / "DONE").exists()]
+        assert not missing, f"array members did not finish: {missing}; see {plan.out_dir}/logs"
+    else:
+        print("no Slurm cluster (tools/local_slurm.sh start): the second half runs locally too")
+        assert main(["sweep", "launch", str(sweep), "--parallel", "2"]) == 0, capsys.readouterr().out
     launch_s = time.time() - t0
     assert main(["sweep", "launch", str(sweep)]) == 0  # relaunch: nothing to do
     assert "6 runs finished (skipped), 0 to run" in capsys.readouterr().out
@@ -125,36 +153,6 @@ def test_tiny_sweep_plan_launch_local_fit(tmp_path, capsys, monkeypatch):
         assert int(r.data.params["model.n_params"]) == pr.n_params
         assert int(r.data.params["trainer.max_steps"]) == pr.steps
     print(f"tiny sweep: launch {launch_s:.0f}s; E={res['objectives']['mdlm']['approach3']['params']['E']:.3f}")
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_tiny_sweep_on_the_local_slurm_cluster(tmp_path, capsys, monkeypatch):
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        pytest.skip("no Slurm cluster (tools/local_slurm.sh start)")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    sweep = tiny_sweep(tmp_path, "e2e-slurm")
-    prof = tmp_path / "local.yaml"
-    prof.write_text(yaml.safe_dump({"name": "local", "gpus_per_node": 0, "cpus_per_task": 1, "time": "00:20:00",
-                                    "env": {"OMP_NUM_THREADS": 1}}))
-    spec = yaml.safe_load(sweep.read_text())
-    spec["launch"]["slurm"] = {"cluster": str(prof), "nodes": 1, "gpus_per_node": 0, "max_parallel": 2}
-    sweep.write_text(yaml.safe_dump(spec))
-    plan = plan_sweep(load_sweep(sweep))
-    assert main(["sweep", "launch", str(sweep), "--executor", "slurm"]) == 0
-    out = capsys.readouterr().out
-    assert "submitted job array" in out
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if all((Path(r.run_dir) / "slurm" / "DONE").exists() for r in plan.feasible) or _array_gone(plan):
-            break
-        time.sleep(5)
-    missing = [r.name for r in plan.feasible if not (Path(r.run_dir) / "slurm" / "DONE").exists()]
-    assert not missing, f"array members did not finish: {missing}; see {plan.out_dir}/logs"
-    assert main(["sweep", "launch", str(sweep), "--executor", "slurm"]) == 0  # nothing left to submit
-    assert "6 runs finished (skipped), 0 to run" in capsys.readouterr().out
-    assert main(["sweep", "fit", str(sweep)]) == 0
-    _check_fit(sweep, plan)
 
 
 def _array_gone(plan) -> bool:

@@ -164,14 +164,16 @@ def test_launch_preempt_partial_fit_relaunch_resume_and_fit(sweep, monkeypatch, 
 
 @pytest.mark.slow
 def test_changed_sweep_file_does_not_silently_resume(sweep, capsys):
-    assert main(["sweep", "launch", str(sweep)]) == 0
     spec = yaml.safe_load(sweep.read_text())
+    spec["launch"]["train_command"] = [sys.executable, "-c", "pass"]  # only the launcher's bookkeeping matters here
+    sweep.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "launch", str(sweep)]) == 0
     spec["hparams"]["lr"] = 1e-2
     for r in plan_sweep(load_sweep(sweep)).feasible:  # make the runs look unfinished
         (Path(r.run_dir) / L.DONE_MARKER).unlink()
     sweep.write_text(yaml.safe_dump(spec))
     capsys.readouterr()
-    assert main(["sweep", "launch", str(sweep)]) == 2  # MLflow says FINISHED, but the check comes first
+    assert main(["sweep", "launch", str(sweep)]) == 2  # refused before anything is resumed
     assert "changed for runs that already started" in capsys.readouterr().err
 
 

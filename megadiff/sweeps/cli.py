@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     pl.add_argument("--cluster", help="slurm: cluster profile (default launch.slurm.cluster)")
     pl.add_argument("--skip-refused", action="store_true", help="launch the feasible runs even if some are refused")
     pl.add_argument("--force", action="store_true", help="resume started runs even if their overrides changed")
+    pl.add_argument("--only", default=None, metavar="NAMES",
+                    help="launch only these runs: comma-separated run names or glob patterns (e.g. 'mdlm-c1e18-*')")
     pl.add_argument("--dry-run", action="store_true", help="print what would run; start nothing")
     pl.set_defaults(func=cmd_launch)
 
@@ -101,6 +103,12 @@ def cmd_launch(args) -> int:
     if not todo:
         L.finish_parent(plan, parent)
         return 0
+    left_out = []
+    if args.only:
+        todo, left_out = _select(todo, plan, args.only)
+        print(f"--only {args.only}: launching {len(todo)} of them ({', '.join(r.name for r in todo)})")
+        if not todo:
+            return 0
     if args.executor == "slurm":
         opts = dict(spec.launch.slurm)
         if args.cluster:
@@ -115,9 +123,25 @@ def cmd_launch(args) -> int:
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}; relaunch to resume them")
         return 1
+    if left_out:
+        print(f"{len(left_out)} runs not launched (--only); launch them later, then: megadiff sweep fit {args.sweep}")
+        return 0
     L.finish_parent(plan, parent)
     print(f"all {len(plan.feasible)} runs finished; next: megadiff sweep fit {args.sweep}")
     return 0
+
+
+def _select(todo: list, plan, only: str) -> tuple[list, list]:
+    """Split the runs to launch by --only patterns; a pattern that matches no planned run is an error."""
+    import fnmatch
+
+    pats = [p.strip() for p in only.split(",") if p.strip()]
+    names = [r.name for r in plan.feasible]
+    unknown = [p for p in pats if not fnmatch.filter(names, p)]
+    if unknown:
+        raise MegadiffError(f"--only: {', '.join(unknown)} matches no planned run; the runs are: {', '.join(names)}")
+    keep = [r for r in todo if any(fnmatch.fnmatch(r.name, p) for p in pats)]
+    return keep, [r for r in todo if r not in keep]
 
 
 def cmd_status(args) -> int:
