@@ -271,3 +271,40 @@ def test_lr_schedules_have_the_documented_shapes():
     assert w[99] == pytest.approx(0.0) and w[89] == pytest.approx(0.5)  # linear decay over the last 20
     k = curve(lr=0.5, warmup_steps=0, lr_schedule="constant")
     assert set(k) == {0.5}
+
+
+def test_vocab_padding_follows_the_checkpoint_across_tp(tmp_path):
+    """Vocab 300 pads to 512 rows at TP=2 but 384 at TP=1 (megatron: multiple of 128 x TP); GPT-2's 50257 +
+    [MASK] is such a vocab. A TP=2 run resumes at TP=1 and loads for sampling (TP=1); the checkpoint records
+    its row count, vocab and tokenizer hash, and sampling with another tokenizer is refused."""
+    import numpy as np
+
+    from megadiff.data.format import write_dataset
+    from megadiff.data.tokenizer import special_ids, to_bytes, toy_tokenizer
+
+    tok = toy_tokenizer(300)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "ds"
+    write_dataset(data, {"train": rng.integers(4, 300, size=(256, 32)), "valid": rng.integers(4, 300, size=(16, 32))},
+                  to_bytes(tok), special_ids(tok), 300, 1024)
+    run = tmp_path / "run"
+    args = ["train", "configs/tiny_cpu.yaml", f"data.out_dir={data}", f"trainer.run_dir={run}", "model.max_seq_len=32",
+            "trainer.progress=false", "trainer.num_samples=0", "trainer.eval_interval=0", "tracking.enabled=false",
+            "trainer.save_interval=2", "trainer.log_interval=1"]
+    run_cli(*args, "trainer.max_steps=2", "parallel.tp=2", "--nproc-per-node", "2")
+    meta = json.loads((run / "checkpoints" / "step_000002" / "megadiff.json").read_text())
+    assert meta["padded_vocab_size"] == 512 and meta["vocab_size"] == 300 and len(meta["tokenizer_sha256"]) == 64
+    run_cli(*args, "trainer.max_steps=3", "parallel.tp=1")  # resumes with 512 rows, not 384
+    assert sorted(losses(run)) == [1, 2, 3]
+    out = tmp_path / "s.jsonl"
+    run_cli("sample", str(run), "--num", "1", "--length", "8", "--out", str(out), "--quiet", "--no-progress")
+    rec = json.loads(out.read_text())
+    assert rec["nfe"] >= 1 and "[MASK]" not in rec["sample"]
+    # a dataset with another tokenizer (same vocab size) is refused by the hash the checkpoint recorded
+    other = tmp_path / "other"
+    tok2 = toy_tokenizer(300)
+    tok2.add_tokens(["extra"])
+    write_dataset(other, {"train": rng.integers(4, 300, size=(8, 32))}, to_bytes(tok2), special_ids(tok2), 300, 1024)
+    data.rename(tmp_path / "ds_moved")  # the run's own data dir is gone: only the recorded hash can tell
+    bad = run_cli("sample", str(run), "--data-dir", str(other), "--quiet", "--no-progress", check=False)
+    assert bad.returncode == 2 and "is not the one" in bad.stderr and "sha256" in bad.stderr, bad.stderr

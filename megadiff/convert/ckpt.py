@@ -185,7 +185,7 @@ def write_checkpoint(out_step_dir: Path, cfg: Any, padded_vocab: int, model: dic
     out_step_dir.mkdir(parents=True)
     dist_checkpointing.save(sd, str(out_step_dir), content_metadata=CKPT_METADATA)
     atomic_write_text(out_step_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(out_step_dir / "megadiff.json", meta)
+    atomic_write_json(out_step_dir / "megadiff.json", {**meta, "padded_vocab_size": int(padded_vocab)})
 
 
 def replace_layout(meta: dict[str, Any], tp: int, pp: int) -> dict[str, Any]:

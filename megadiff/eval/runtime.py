@@ -71,6 +71,11 @@ def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | N
     meta = json.loads((ckpt / "megadiff.json").read_text())
     data = Path(data_dir or cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir)
     tokenizer, info = load_from_dir(data)
+    want = meta.get("tokenizer_sha256")  # recorded by every save since the tokenizer hash was added
+    if want and want != info.tokenizer_sha256:
+        raise MegadiffError(f"the tokenizer in {data} (sha256 {info.tokenizer_sha256[:12]}…, vocab {info.vocab_size}) "
+                            f"is not the one {ckpt} was trained with (sha256 {want[:12]}…, vocab "
+                            f"{meta.get('vocab_size')}); point --data-dir at a dataset made with the run's tokenizer")
     ctx = init_parallel(1, 1, device, "auto", seed=0)
     built = build_model(cfg.model, info.vocab_size, pg_collection=ctx.pg, device=ctx.device.type)
     model = built.model

@@ -67,6 +67,8 @@ class Trainer:
         cfg.model.causal = cfg.diffusion.objective == "ar"
         from megatron.core import parallel_state as ps
 
+        # the vocab is padded for this TP; a checkpoint saved at another TP (other padding) still loads:
+        # megatron marks the embedding/output shards allow_shape_mismatch (rows beyond the vocab are unused)
         built = build_model(cfg.model, self.info.vocab_size, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                             device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
@@ -123,7 +125,9 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {"tokens": self.tokens_seen, "loader": self.loader.state_dict(), "layout": self.ctx.layout,
-                 "torch_rng": int(self.cfg.trainer.seed + self.step), "objective": self.cfg.diffusion.objective}
+                 "torch_rng": int(self.cfg.trainer.seed + self.step), "objective": self.cfg.diffusion.objective,
+                 "padded_vocab_size": self.built.padded_vocab_size, "vocab_size": self.info.vocab_size,
+                 "tokenizer_sha256": self.info.tokenizer_sha256}
         return self.ckpt.save(self.step, self.model, self.optimizer, extra, to_yaml(self.cfg))
 
     # ---------------------------------------------------------------- loop
