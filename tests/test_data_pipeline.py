@@ -166,6 +166,23 @@ def test_gpt2_tokenizer_matches_gpt2_ids():
     assert tok.get_vocab_size() == 50259
 
 
+@pytest.mark.parametrize("names,want", [
+    (["<s>", "</s>", "<unk>", "a", "b", "[MASK]"], {"bos": 0, "eos": 1, "pad": 1, "mask": 5}),  # Llama 1/2, Mistral
+    (["<|begin_of_text|>", "<|end_of_text|>", "x", "<|mdm_mask|>"], {"bos": 0, "eos": 1, "pad": 1, "mask": 3}),
+])
+def test_special_token_aliases_of_common_tokenizers(names, want):
+    from tokenizers import Tokenizer, models
+
+    from megadiff.data.tokenizer import special_ids
+
+    tok = Tokenizer(models.WordLevel(vocab={n: i for i, n in enumerate(names)}, unk_token=names[2]))
+    assert special_ids(tok) == want
+    del names[want["mask"]]  # no mask token: a clear error naming the accepted spellings
+    tok = Tokenizer(models.WordLevel(vocab={n: i for i, n in enumerate(names)}, unk_token=names[2]))
+    with pytest.raises(MegadiffError, match=r"no \[MASK\] or <\|mdm_mask\|> or <mask> token"):
+        special_ids(tok)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(MegadiffError, match=r"unknown config key 'data.seq_lenn'.*seq_len"):
         small_cfg(tmp_path, "data.seq_lenn=5")

@@ -17,7 +17,11 @@ from megadiff import MegadiffError
 
 SPECIAL_TOKENS = ("[MASK]", "[PAD]", "[EOS]", "[BOS]")
 GPT2_EOT = "<|endoftext|>"
-_ALIASES = {"mask": ("[MASK]",), "pad": ("[PAD]",), "eos": ("[EOS]", GPT2_EOT), "bos": ("[BOS]", GPT2_EOT)}
+# names each special role goes by in common tokenizers, first match wins: megadiff/BERT style, GPT-2/Qwen,
+# Llama 1/2 and Mistral (<s> </s>), Llama 3 (<|begin_of_text|> <|end_of_text|>), LLaDA's mask token
+_ALIASES = {"mask": ("[MASK]", "<|mdm_mask|>", "<mask>"), "pad": ("[PAD]", "<pad>"),
+            "eos": ("[EOS]", GPT2_EOT, "</s>", "<|end_of_text|>"),
+            "bos": ("[BOS]", "<s>", "<|begin_of_text|>", GPT2_EOT)}
 
 
 def assets_dir() -> Path:
@@ -51,7 +55,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 def special_ids(tok: Any, where: str = "tokenizer") -> dict[str, int]:
     """ids of mask, pad, eos, bos; a tokenizer without [MASK] and an EOS cannot be used."""
     out = {}
-    for role, names in _ALIASES.items():
+    for role in ("mask", "eos", "pad", "bos"):  # eos before pad: a tokenizer without a pad token pads with EOS
+        names = _ALIASES[role]
         ids = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
         if not ids:
             if role == "pad" and "eos" in out:
@@ -62,7 +67,7 @@ def special_ids(tok: Any, where: str = "tokenizer") -> dict[str, int]:
                 f"data.tokenizer.kind=bpe (trains one with {', '.join(SPECIAL_TOKENS)}) or kind=gpt2"
             )
         out[role] = ids[0]
-    return out
+    return {role: out[role] for role in _ALIASES}
 
 
 def gpt2_tokenizer(tiktoken_path: str | os.PathLike | None = None) -> Any:
