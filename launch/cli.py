@@ -77,11 +77,16 @@ def _resources(s) -> None:
     s.add_argument("--time", default=None, help="HH:MM:SS (default: the profile's)")
 
 
-def _follow_hint(sub, what: str) -> None:
+def _report(sub, what: str, dry_run: bool) -> int:
+    """--dry-run: the rendered script; else the job ids and how to follow, stop or requeue the job."""
+    if dry_run:
+        sys.stdout.write(sub.script_text)
+        return 0
     rd = sub.run_dirs[0]
     print(f"submitted {what}: job {', '.join(sub.job_ids)}; script {sub.script}")
     print(f"  follow:  megadiff slurm status {rd}   |   megadiff slurm logs {rd} -f")
     print(f"  stop:    megadiff slurm cancel {rd}   (--requeue-now: checkpoint and requeue)")
+    return 0
 
 
 def cmd_submit(args) -> int:
@@ -92,11 +97,7 @@ def cmd_submit(args) -> int:
         tasks_per_node=args.tasks_per_node, time=args.time, requeue=args.requeue_mode, chain=args.chain,
         dependency=args.dependency, sbatch_extra=args.sbatch, dry_run=args.dry_run,
     )
-    if args.dry_run:
-        sys.stdout.write(sub.script_text)
-        return 0
-    _follow_hint(sub, "training")
-    return 0
+    return _report(sub, "training", args.dry_run)
 
 
 def cmd_data_pipeline(args) -> int:
@@ -105,11 +106,7 @@ def cmd_data_pipeline(args) -> int:
     sub = submit_data_pipeline(args.config, args.overrides, args.cluster, nodes=args.nodes,
                                cpus_per_node=args.cpus_per_node, time=args.time,
                                dry_run=args.dry_run)
-    if args.dry_run:
-        sys.stdout.write(sub.script_text)
-        return 0
-    _follow_hint(sub, "data pipeline")
-    return 0
+    return _report(sub, "data pipeline", args.dry_run)
 
 
 def cmd_status(args) -> int:

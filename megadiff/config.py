@@ -309,6 +309,12 @@ def default_dataset_refs(cfg: Any) -> None:
         cfg.data.valid = [DatasetRef(path=cfg.data.out_dir, split="valid")]
 
 
+def train_data_dir(cfg: Any) -> str:
+    """The dataset directory a run trains on (the first data.train entry, else data.out_dir): it holds the
+    run's tokenizer and manifest."""
+    return cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir
+
+
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

@@ -4,6 +4,7 @@ made once per session by the real pipeline through the real CLI."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def slurm_running() -> bool:
+    """A Slurm cluster answers here (the local test cluster: tools/local_slurm.sh start)."""
+    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The `local` cluster profile; skips without a running cluster (fails in CI, which always starts one)."""
+    if not slurm_running():
+        msg = "local Slurm cluster not running (start it with: tools/local_slurm.sh start)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from launch import slurm
+
+    return slurm.load_profile("local")
 
 
 def megadiff_cmd(*args: str) -> list[str]:

@@ -9,7 +9,6 @@ logic with real sbatch/srun/scontrol; the real trainer runs in test_slurm_train.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -46,16 +45,6 @@ for step in range(start, steps):
 with open(os.path.join(run_dir, f"events.rank{rank}"), "a") as f:
     f.write(f"done {steps}\n")
 '''
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        msg = "local Slurm cluster not running (start it with: tools/local_slurm.sh start)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return slurm.load_profile("local")
 
 
 @pytest.fixture

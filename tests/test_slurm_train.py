@@ -8,9 +8,7 @@ and ends with per-step losses identical to the uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -23,15 +21,6 @@ from launch import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 60
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        msg = "local Slurm cluster not running (start it with: tools/local_slurm.sh start)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def _train_args(data: Path, run_dir: Path) -> list[str]:

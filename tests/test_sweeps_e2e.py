@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import slurm_running
 
 from megadiff.cli import main
 from megadiff.sweeps.plan import plan_sweep
@@ -95,7 +95,7 @@ def test_tiny_sweep_local_and_slurm_executors_then_fit(tmp_path, capsys, monkeyp
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1]), "RANK": "0",
                  "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(k, v)
-    slurm_up = bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    slurm_up = slurm_running()
     if slurm_up:  # the other half goes through the Slurm executor: one sweep, two executors, one fit
         prof = tmp_path / "local.yaml"
         prof.write_text(yaml.safe_dump({"name": "local", "gpus_per_node": 0, "cpus_per_task": 1,

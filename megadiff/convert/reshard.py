@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from megadiff import MegadiffError
+from megadiff.config import train_data_dir
 from megadiff.convert.ckpt import Checkpoint, read_checkpoint, repad_vocab, replace_layout, write_checkpoint
 from megadiff.convert.keymap import MEGATRON_LAYERS
 
@@ -20,7 +21,7 @@ def vocab_info(ck: Checkpoint, data_dir: str | None = None) -> dict[str, Any]:
         return dict(ck.meta["vocab"], tokenizer_path=ck.cfg.data.tokenizer.path)
     from megadiff.data.tokenizer import load_from_dir
 
-    data = data_dir or (ck.cfg.data.train[0].path if ck.cfg.data.train else ck.cfg.data.out_dir)
+    data = data_dir or train_data_dir(ck.cfg)
     if not Path(data, "manifest.json").is_file():
         raise MegadiffError(f"the data directory {data} named by {ck.path}/config.yaml (it holds the tokenizer and "
                             f"vocab) is not here; pass --data-dir")

@@ -131,15 +131,14 @@ def _light(args) -> Any:
     """Tokenizer, dataset info and config of CKPT without building the model (input checks fail fast)."""
     from types import SimpleNamespace
 
-    from megadiff.config import from_yaml_text
+    from megadiff.config import from_yaml_text, train_data_dir
     from megadiff.data.tokenizer import load_from_dir
-    from megadiff.eval.runtime import resolve_checkpoint
+    from megadiff.eval.runtime import check_data_tokenizer, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    if args.data_dir:
-        _check_data_dir(args.checkpoint, args.data_dir)
     cfg = from_yaml_text((ckpt / "config.yaml").read_text())
-    data = args.data_dir or (cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir)
+    data = args.data_dir or train_data_dir(cfg)
+    check_data_tokenizer(ckpt, data)
     tokenizer, info = load_from_dir(data)
     return SimpleNamespace(tokenizer=tokenizer, info=info, cfg=cfg, ckpt_dir=ckpt)
 
@@ -159,28 +158,7 @@ def _load(args) -> Any:
     from megadiff.eval.runtime import load_for_inference, resolve_checkpoint
 
     resolve_checkpoint(args.checkpoint)  # a wrong path fails in a second, before torch/megatron load
-    if args.data_dir:
-        _check_data_dir(args.checkpoint, args.data_dir)
     return load_for_inference(args.checkpoint, device=args.device, data_dir=args.data_dir)
-
-
-def _check_data_dir(checkpoint: str, data_dir: str) -> None:
-    """--data-dir must hold the tokenizer the run was trained with (when the run's own data dir still exists)."""
-    from megadiff.config import from_yaml_text
-    from megadiff.data.format import manifest_info, read_manifest
-    from megadiff.eval.runtime import resolve_checkpoint
-
-    cfg = from_yaml_text((resolve_checkpoint(checkpoint) / "config.yaml").read_text())
-    given = manifest_info(read_manifest(data_dir), data_dir)
-    orig_dir = cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir
-    if not (Path(orig_dir) / "manifest.json").is_file() or Path(orig_dir).resolve() == Path(data_dir).resolve():
-        return
-    orig = manifest_info(read_manifest(orig_dir), orig_dir)
-    if (orig.tokenizer_sha256, orig.vocab_size) != (given.tokenizer_sha256, given.vocab_size):
-        raise MegadiffError(f"--data-dir {data_dir}: its tokenizer ({Path(given.tokenizer_path).name}, vocab "
-                            f"{given.vocab_size}) is not the one the model was trained with ({orig.tokenizer_path}, "
-                            f"vocab {orig.vocab_size}); text would be tokenized with the wrong vocabulary. Omit "
-                            f"--data-dir or point it at a dataset made with the run's tokenizer")
 
 
 def _run_dir(im: Any) -> Path:

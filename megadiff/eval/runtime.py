@@ -57,25 +57,47 @@ def _model_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | None = None) -> InferenceModel:
-    from megatron.core import dist_checkpointing
+def check_data_tokenizer(ckpt: Path, data_dir: str | Path) -> None:
+    """``data_dir`` must hold the tokenizer ``ckpt`` was trained with: the sha256 and vocab size its
+    megadiff.json records, or (older checkpoints) those of the run's own dataset while it exists."""
+    from megadiff.config import from_yaml_text, train_data_dir
+    from megadiff.data.format import manifest_info, read_manifest
 
-    from megadiff.checkpoint.manager import CKPT_METADATA
-    from megadiff.config import from_yaml_text
+    given = manifest_info(read_manifest(data_dir), data_dir)
+    meta = json.loads((ckpt / "megadiff.json").read_text())
+    if meta.get("tokenizer_sha256"):
+        want = (meta["tokenizer_sha256"], int(meta["vocab_size"]), str(ckpt))
+    else:
+        orig_dir = train_data_dir(from_yaml_text((ckpt / "config.yaml").read_text()))
+        if not (Path(orig_dir) / "manifest.json").is_file() or Path(orig_dir).resolve() == Path(data_dir).resolve():
+            return
+        orig = manifest_info(read_manifest(orig_dir), orig_dir)
+        want = (orig.tokenizer_sha256, orig.vocab_size, orig.tokenizer_path)
+    if (given.tokenizer_sha256, given.vocab_size) != want[:2]:
+        raise MegadiffError(
+            f"{data_dir}: its tokenizer ({Path(given.tokenizer_path).name}, sha256 {given.tokenizer_sha256[:12]}…, "
+            f"vocab {given.vocab_size}) is not the one the model was trained with ({want[2]}: sha256 "
+            f"{want[0][:12]}…, vocab {want[1]}); text would be tokenized with the wrong vocabulary. Omit "
+            f"--data-dir or point it at a dataset made with the run's tokenizer")
+
+
+def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | None = None) -> InferenceModel:
+    from megadiff.config import from_yaml_text, train_data_dir
     from megadiff.data.tokenizer import load_from_dir
-    from megadiff.dist.parallel import init_parallel
-    from megadiff.model.build import build_model
 
     ckpt = resolve_checkpoint(path)
     cfg = from_yaml_text((ckpt / "config.yaml").read_text())
     meta = json.loads((ckpt / "megadiff.json").read_text())
-    data = Path(data_dir or cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir)
+    data = Path(data_dir or train_data_dir(cfg))
+    check_data_tokenizer(ckpt, data)  # before megatron is imported: a wrong dataset fails fast
     tokenizer, info = load_from_dir(data)
-    want = meta.get("tokenizer_sha256")  # recorded by every save since the tokenizer hash was added
-    if want and want != info.tokenizer_sha256:
-        raise MegadiffError(f"the tokenizer in {data} (sha256 {info.tokenizer_sha256[:12]}…, vocab {info.vocab_size}) "
-                            f"is not the one {ckpt} was trained with (sha256 {want[:12]}…, vocab "
-                            f"{meta.get('vocab_size')}); point --data-dir at a dataset made with the run's tokenizer")
+
+    from megatron.core import dist_checkpointing
+
+    from megadiff.checkpoint.manager import CKPT_METADATA
+    from megadiff.dist.parallel import init_parallel
+    from megadiff.model.build import build_model
+
     ctx = init_parallel(1, 1, device, "auto", seed=0)
     built = build_model(cfg.model, info.vocab_size, pg_collection=ctx.pg, device=ctx.device.type)
     model = built.model

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from megadiff import MegadiffError
-from megadiff.config import load_config
+from megadiff.config import load_config, train_data_dir
 from megadiff.model.flops import count_params, flops_per_token
 from megadiff.model.presets import PRESETS, padded_vocab_size, resolve_shape
 
@@ -139,7 +139,7 @@ def _data_info(spec: Any, cfg: Any) -> tuple[int, int]:
     sweep's vocab_size / seq_len (checked against the manifest once it exists)."""
     from megadiff.data.format import manifest_info, read_manifest
 
-    d = cfg.data.train[0].path if cfg.data.train else cfg.data.out_dir
+    d = train_data_dir(cfg)
     if (Path(d) / "manifest.json").is_file():
         info = manifest_info(read_manifest(d), d)
         for key, want, have in (("vocab_size", spec.vocab_size, info.vocab_size),

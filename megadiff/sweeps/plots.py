@@ -35,6 +35,16 @@ def _flag(fig, fits) -> None:
                  "(see the notes in fit.txt)", ha="center", va="bottom", fontsize=9, color="tab:red")
 
 
+def _save(plt, fig, title: str, fits, path: Path) -> Path:
+    """Title, layout with room for the Approach 3 flag line, the flag, PNG, close."""
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _flag(fig, fits)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _c_range(obs: Sequence[F.Observation], extra: Sequence[float] = ()) -> np.ndarray:
     cs = [o.budget for o in obs] + list(extra)
     return np.geomspace(min(cs) / 2, max(cs) * 4, 200)
@@ -73,12 +83,7 @@ def plot_isoflop(obs, fits, path: Path, title: str) -> Path:
         ax.set_title(f"{obj}: IsoFLOP profiles\n(solid: parabola in log N, *: minimum; dashed: Approach 3)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _flag(fig, fits)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, fits, path)
 
 
 def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = ()) -> Path:
@@ -117,12 +122,7 @@ def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         _tidy_log_x(ax)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _flag(fig, fits)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, fits, path)
 
 
 def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str,
@@ -170,12 +170,7 @@ def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         _tidy_log_x(ax)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _flag(fig, {k: v for k, v in fits.items() if k in (mdm, "ar")})
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, {k: v for k, v in fits.items() if k in (mdm, "ar")}, path)
 
 
 def make_all(obs, fits, comparison, out_dir: Path, title: str, extra_c: Sequence[float] = ()) -> list[Path]:
