@@ -1,20 +1,31 @@
-"""Raw text -> packed, tokenized webdataset shards + manifest.json (Ray).
+"""Raw text -> packed, tokenized webdataset shards + manifest.json, as partitioned Ray stages.
 
-Stages: [Ray tasks, one per input file] read -> normalize -> filter -> hash -> tokenize;
-[driver, fixed file order] exact dedup (global across sources) -> valid/train split by content
-hash -> mixture repeats -> append EOS -> pack into ``seq_len`` samples -> write shards.
+The input is cut into partitions (files, parquet row-group ranges, byte ranges of jsonl;
+data_pipelines/sources.py). Four stages of Ray tasks, at most ``data.num_workers`` in flight:
 
-Determinism: the tasks are pure functions of (file, config, tokenizer); the driver consumes their
-results in file order whatever order they finish in, so shards and manifest are byte-identical
-for any number of workers. Resumability: every shard goes to a temp name and is renamed; a rerun
-recomputes the stream, keeps every existing shard whose sha256 equals the new one and writes only
-the others; the manifest is deleted at the start and written last.
+1. scan (one task per partition): read (streamed), normalize, filter (data_pipelines/filters.py),
+   hash, decide split and repeats, MinHash (``data.near_dedup``), tokenize; writes the partition's
+   tokens and its dedup keys (sorted by hash bucket) to ``<out>/.work/``;
+2. dedup buckets (one task per hash bucket): group equal keys across partitions (dedup.py);
+3. cluster (one task): near-duplicate clusters, the sorted drop list;
+4. pack (one task per partition): drop duplicates, append EOS, pack train and valid separately
+   (repeats of a weighted source after the partition's first pass), write the partition's own
+   shards ``<split>-<partition>-<k>.tar``.
+
+Every task writes its outputs atomically and then a small record ``.work/<stage>-<i>.json`` naming
+its inputs' fingerprint and its outputs' sizes. The driver only plans, schedules, skips every task
+whose record verifies (without reading its input) and finally merges the pack records, in partition
+order, into ``manifest.json``. Determinism: every task is a pure function of its inputs and the
+config, and the merge is in partition order, so shards and manifest are byte-identical for any
+number of workers or nodes. After the manifest is written only the pack records stay in ``.work``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -23,38 +34,78 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from data_pipelines.sources import normalize, read_documents, resolve_paths
+from data_pipelines import dedup
+from data_pipelines.filters import apply_filters, build_filters
+from data_pipelines.sources import Partition, normalize, plan_partitions, read_partition, resolve_paths
 from data_pipelines.tokenizer import build_tokenizer, tokenizer_payload
 from megadiff import MegadiffError
 from megadiff.data.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     SPLITS,
+    build_manifest,
     shard_bytes,
+    shard_entry,
     shard_name,
     token_dtype,
+    write_manifest,
 )
 from megadiff.data.tokenizer import tokenizer_file_name
 from megadiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-KEEP, TOO_SHORT, TOO_LONG = 0, 1, 2
 # keys of DataConfig that do not change the output (left out of the manifest's config)
 _NOT_OUTPUT = ("num_workers", "out_dir", "train", "valid", "shuffle_seed", "skip_corrupt")
 # "x\ny" with x, y not whitespace: after that newline is always a pre-token boundary of GPT-2-style
 # byte-level BPE ("\n\n" is one pre-token at the end of a string but two before a letter, so no cut there)
 _CUT = re.compile(r"(?<=\S)\n(?=\S)")
 CHUNK_CHARS = 4096
+ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call (bounds a task's memory)
+WORK = ".work"
 NO_PROGRESS_TIMEOUT_S = float(os.environ.get("MEGADIFF_DATA_NO_PROGRESS_S", "600"))
 
 
-# ----------------------------------------------------------------------------- worker side
+# ----------------------------------------------------------------------------- records
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def record_path(work: Path, stage: str, i: int) -> Path:
+    return work / f"{stage}-{i:06d}.json"
+
+
+def write_record(path: Path, fingerprint: str, outputs: dict[str, Path], **body: Any) -> dict[str, Any]:
+    """The completion marker: written last, after the outputs it names (relative to ``path``'s parent's parent)."""
+    root = path.parent.parent
+    rec = {"fingerprint": fingerprint, "outputs": {str(p.relative_to(root)): p.stat().st_size for p in outputs.values()},
+           **body}
+    atomic_write_json(path, rec)
+    return rec
+
+
+def read_record(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The record if it exists, is for ``fingerprint`` and every output it names is there with its size."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint:
+        return None
+    root = path.parent.parent
+    for rel, size in rec.get("outputs", {}).items():
+        f = root / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return None
+    return rec
+
+
+# ----------------------------------------------------------------------------- scan (worker side)
 
 _TOK_CACHE: dict[str, Any] = {}
 
@@ -64,8 +115,6 @@ def _tokenizer(tok: bytes | list[Any], tok_sha: str | None = None) -> tuple[Any,
     ``[ObjectRef]`` (fetched only on a cache miss, so each task does not copy the file)."""
     key = tok_sha or sha256_bytes(tok)  # type: ignore[arg-type]
     if key not in _TOK_CACHE:
-        import json
-
         from tokenizers import Tokenizer
 
         if isinstance(tok, list):
@@ -103,56 +152,138 @@ def _keyed_unit(seed: int, tag: bytes, digest: bytes) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-def process_file(path: str, src: dict[str, Any], params: dict[str, Any], tok_json: bytes | list[Any],
-                 tok_sha: str | None = None) -> dict[str, Any]:
-    """One input file -> per-document status, hash, split, repeats and token ids (a pure function)."""
+class _Encoder:
+    """Batches documents into encode_batch_fast calls of ~ENCODE_BATCH_CHARS; collects ids and lengths."""
+
+    def __init__(self, tok: Any, chunkable: bool, dtype: str):
+        self.tok, self.chunkable, self.dtype = tok, chunkable, dtype
+        self.pieces: list[str] = []
+        self.owner: list[int] = []
+        self.chars = 0
+        self.n_docs = 0
+        self.ids: list[np.ndarray] = []
+        self.lengths: list[int] = []
+
+    def add(self, text: str) -> None:
+        parts = _chunks(text) if self.chunkable else [text]
+        self.pieces.extend(parts)
+        self.owner.extend([self.n_docs] * len(parts))
+        self.lengths.append(0)
+        self.n_docs += 1
+        self.chars += len(text)
+        if self.chars >= ENCODE_BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pieces:
+            return
+        for d, e in zip(self.owner, self.tok.encode_batch_fast(self.pieces, add_special_tokens=False)):
+            self.lengths[d] += len(e.ids)
+            self.ids.append(np.asarray(e.ids, dtype=self.dtype))
+        self.pieces, self.owner, self.chars = [], [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self.flush()
+        toks = np.concatenate(self.ids) if self.ids else np.zeros(0, self.dtype)
+        return toks, np.asarray(self.lengths, dtype=np.int64)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def scan_partition(i: int, part: dict[str, Any], src: dict[str, Any], params: dict[str, Any],
+                   tok_json: bytes | list[Any], tok_sha: str, work: str, fingerprint: str) -> dict[str, Any]:
+    """Stage 1 for partition ``i``: documents -> tokens + split/repeat decisions + dedup keys (files)."""
+    p = Partition(**part)
     tok, chunkable = _tokenizer(tok_json, tok_sha)
-    docs = read_documents(path, src["format"], src["text_field"], src["doc_split"])
-    status, hashes, valid, copies, chars, keep_text = [], [], [], [], [], []
-    weight, seed = float(src["weight"]), int(params["seed"])
-    for raw in docs:
-        text = normalize(raw)
-        chars.append(len(text))
-        if len(text) < params["min_chars"]:
-            st = TOO_SHORT
-        elif len(text) > params["max_chars"]:
-            st = TOO_LONG
-        else:
-            st = KEEP
-        status.append(st)
-        if st != KEEP:
-            hashes.append(b"")
-            valid.append(False)
-            copies.append(0)
+    filters = build_filters(params["filters"], params["min_chars"], params["max_chars"])
+    near = params["near_dedup"]
+    hasher = dedup.MinHasher(near["ngram"], near["bands"], near["rows"], params["seed"]) if near["enabled"] else None
+    enc = _Encoder(tok, chunkable, params["dtype"])
+    seed, weight, n_buckets = int(params["seed"]), float(src["weight"]), int(params["n_buckets"])
+    valid, copies, keys = [], [], []
+    filtered = {name: 0 for name, _ in filters}
+    docs_in = chars = 0
+    for raw in read_partition(p, src["text_field"], src["doc_split"]):
+        docs_in += 1
+        text, dropped_by = apply_filters(filters, normalize(raw))
+        if text is None:
+            filtered[dropped_by] += 1
             continue
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-        hashes.append(digest)
+        chars += len(text)
+        digest = dedup.content_digest(text)
+        keys += dedup.doc_keys(enc.n_docs, digest, hasher.band_keys(text) if hasher else None, n_buckets)
         valid.append(_keyed_unit(seed, b"valid", digest) < params["valid_fraction"])
         copies.append(int(weight) + (_keyed_unit(seed, b"weight", digest) < weight - int(weight)))
-        keep_text.append(text)
-    pieces, owner = [], []
-    for d, text in enumerate(keep_text):
-        parts = _chunks(text) if chunkable else [text]
-        pieces.extend(parts)
-        owner.extend([d] * len(parts))
-    encs = tok.encode_batch_fast(pieces, add_special_tokens=False) if pieces else []
-    lengths = np.zeros(len(keep_text), dtype=np.int64)
-    for d, e in zip(owner, encs):
-        lengths[d] += len(e.ids)
-    dtype = params["dtype"]
-    tokens = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encs]) if encs else np.zeros(0, dtype)
-    return {
-        "status": np.asarray(status, dtype=np.int8),
-        "hashes": hashes,
-        "valid": np.asarray(valid, dtype=bool),
-        "copies": np.asarray(copies, dtype=np.int64),
-        "chars": np.asarray(chars, dtype=np.int64),
-        "lengths": lengths,  # per kept document
-        "tokens": tokens,
-    }
+        enc.add(text)
+    if docs_in == 0 and p.stop < 0:
+        raise MegadiffError(f"{p.label()}: no documents in this file (partition {i}); remove it from "
+                            f"data.sources[{p.source}].paths or fix it")
+    tokens, lengths = enc.result()
+    wd = Path(work)
+    tok_file, key_file = wd / f"tokens-{i:06d}.npz", wd / f"keys-{i:06d}.npy"
+    atomic_write_bytes(tok_file, _npz_bytes(tokens=tokens, lengths=lengths, valid=np.asarray(valid, dtype=bool),
+                                            copies=np.asarray(copies, dtype=np.int64)))
+    atomic_write_bytes(key_file, _npy_bytes(dedup.sort_keys(keys)))
+    stats = {"docs_in": docs_in, "filtered": filtered, "kept": enc.n_docs, "chars": chars}
+    return write_record(record_path(wd, "scan", i), fingerprint, {"tokens": tok_file, "keys": key_file}, stats=stats)
 
 
-# ----------------------------------------------------------------------------- driver side
+def dedup_bucket(b: int, key_files: list[str], work: str, fingerprint: str) -> dict[str, Any]:
+    """Stage 2: bucket ``b`` of every partition's keys -> exact drops and near-duplicate edges."""
+    res = dedup.group_bucket(key_files, b)
+    out = Path(work) / f"bucket-{b:06d}.npz"
+    atomic_write_bytes(out, _npz_bytes(**res))
+    return write_record(record_path(Path(work), "bucket", b), fingerprint, {"bucket": out})
+
+
+def cluster_stage(bucket_files: list[str], work: str, fingerprint: str) -> dict[str, Any]:
+    """Stage 3: near-duplicate clusters over all buckets -> the drop list, sorted by (partition, doc)."""
+    drops, stats = dedup.cluster(bucket_files)
+    out = Path(work) / "drops.npy"
+    atomic_write_bytes(out, _npy_bytes(drops))
+    return write_record(record_path(Path(work), "cluster", 0), fingerprint, {"drops": out}, stats=stats)
+
+
+# ----------------------------------------------------------------------------- pack (worker side)
+
+
+class Packer:
+    """Concatenate-and-chunk into [seq_len] samples; hands each full shard to ``emit``."""
+
+    def __init__(self, seq_len: int, per_shard: int, dtype: str, pad_id: int, emit: Callable[..., None]):
+        self.seq_len, self.per_shard, self.dtype, self.pad_id, self.emit = seq_len, per_shard, dtype, pad_id, emit
+        self.buf: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.buf.append(tokens)
+        self.n += len(tokens)
+        cap = self.seq_len * self.per_shard
+        if self.n >= cap:
+            flat = np.concatenate(self.buf)
+            while len(flat) >= cap:
+                self.emit(flat[:cap].reshape(self.per_shard, self.seq_len), 0)
+                flat = flat[cap:]
+            self.buf, self.n = [flat], len(flat)
+
+    def finish(self) -> None:
+        if self.n == 0:
+            return
+        flat = np.concatenate(self.buf)
+        pad = (-len(flat)) % self.seq_len
+        flat = np.concatenate([flat, np.full(pad, self.pad_id, dtype=self.dtype)])
+        self.emit(flat.reshape(-1, self.seq_len), pad)
+        self.buf, self.n = [], 0
 
 
 @dataclass
@@ -164,46 +295,75 @@ class SplitStats:
     documents: int = 0
 
 
-class Packer:
-    """Concatenate-and-chunk into [seq_len] samples; hands full shards to ``emit``."""
+def pack_partition(i: int, params: dict[str, Any], out: str, work: str, drops_file: str, scan_stats: dict[str, Any],
+                   fingerprint: str) -> dict[str, Any]:
+    """Stage 4 for partition ``i``: drop duplicates, EOS, pack, write the partition's shards."""
+    od, wd = Path(out), Path(work)
+    with np.load(wd / f"tokens-{i:06d}.npz") as z:
+        tokens, lengths, valid, copies = z["tokens"], z["lengths"], z["valid"], z["copies"]
+    drops = dedup.partition_drops(drops_file, i)
+    dtype, eos = params["dtype"], np.asarray([params["eos"]], dtype=params["dtype"])
+    splits = {s: SplitStats() for s in SPLITS}
+    files: dict[str, Path] = {}
 
-    def __init__(self, seq_len: int, per_shard: int, dtype: str, pad_id: int, emit: Any):
-        self.seq_len, self.per_shard, self.dtype, self.pad_id, self.emit = seq_len, per_shard, dtype, pad_id, emit
-        self.buf: list[np.ndarray] = []
-        self.n = 0
-        self.shard = 0
+    def writer(split: str) -> Callable[..., None]:
+        def emit(samples: np.ndarray, pad: int) -> None:
+            st = splits[split]
+            name = shard_name(split, len(st.shards), i)
+            data = shard_bytes(name, np.ascontiguousarray(samples, dtype=dtype))
+            atomic_write_bytes(od / name, data)
+            files[name] = od / name
+            st.shards.append(shard_entry(name, data, int(samples.shape[0]), int(samples.size - pad)))
+            st.samples += int(samples.shape[0])
+            st.tokens += int(samples.size - pad)
+            st.pad_tokens += pad
 
-    def add(self, tokens: np.ndarray) -> None:
-        self.buf.append(tokens)
-        self.n += len(tokens)
-        cap = self.seq_len * self.per_shard
-        if self.n >= cap:
-            flat = np.concatenate(self.buf)
-            while len(flat) >= cap:
-                self._emit(flat[:cap].reshape(self.per_shard, self.seq_len), 0)
-                flat = flat[cap:]
-            self.buf, self.n = [flat], len(flat)
+        return emit
 
-    def finish(self) -> None:
-        if self.n == 0:
-            return
-        flat = np.concatenate(self.buf)
-        pad = (-len(flat)) % self.seq_len
-        flat = np.concatenate([flat, np.full(pad, self.pad_id, dtype=self.dtype)])
-        self._emit(flat.reshape(-1, self.seq_len), pad)
-        self.buf, self.n = [], 0
+    packers = {s: Packer(params["seq_len"], params["samples_per_shard"], dtype, params["pad"], writer(s)) for s in SPLITS}
+    stats = {"dedup_exact": 0, "dedup_near": 0, "docs_out": 0, "valid_docs": 0, "repeats": 0, "tokens": 0}
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    held: list[tuple[np.ndarray, int]] = []
+    for d in range(len(lengths)):
+        reason = drops.get(d)
+        if reason is not None:
+            stats["dedup_exact" if reason == dedup.EXACT else "dedup_near"] += 1
+            continue
+        toks = np.concatenate([tokens[bounds[d] : bounds[d + 1]], eos])
+        stats["docs_out"] += 1
+        stats["tokens"] += len(toks)
+        if valid[d]:
+            stats["valid_docs"] += 1
+            splits["valid"].documents += 1
+            packers["valid"].add(toks)
+            continue
+        if copies[d] >= 1:
+            splits["train"].documents += 1
+            packers["train"].add(toks)
+        if copies[d] > 1:
+            held.append((toks, int(copies[d])))
+    for rep in range(1, max((c for _, c in held), default=1)):
+        for toks, c in held:
+            if c > rep:
+                packers["train"].add(toks)
+                stats["repeats"] += 1
+    for p in packers.values():
+        p.finish()
+    body = {"stats": {**scan_stats, **stats},
+            "splits": {s: {"samples": v.samples, "tokens": v.tokens, "pad_tokens": v.pad_tokens,
+                           "documents": v.documents, "shards": v.shards} for s, v in splits.items()}}
+    return write_record(record_path(wd, "pack", i), fingerprint, files, **body)
 
-    def _emit(self, samples: np.ndarray, pad: int) -> None:
-        self.emit(self.shard, np.ascontiguousarray(samples, dtype=self.dtype), pad)
-        self.shard += 1
+
+# ----------------------------------------------------------------------------- driver
 
 
 @dataclass
 class PipelineResult:
     out_dir: Path
     manifest: dict[str, Any]
-    written: int  # shards written by this run
-    reused: int  # complete shards found from an earlier (interrupted) run and kept
+    computed: dict[str, int]  # tasks run by this call, per stage (scan, bucket, cluster, pack)
+    skipped: dict[str, int]  # tasks whose record verified (not run)
     seconds: float
     docs: int
     tokens: int
@@ -211,7 +371,7 @@ class PipelineResult:
 
 @contextlib.contextmanager
 def ray_session(num_workers: int) -> Iterator[None]:
-    """Use the caller's Ray if it is up; else start a small private one and shut it down after."""
+    """Use the caller's Ray if it is up; else join RAY_ADDRESS; else start a small private one."""
     import ray
 
     if ray.is_initialized():
@@ -237,6 +397,41 @@ def ray_session(num_workers: int) -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers: int, what: str,
+              bar: Any = None) -> list[Any]:
+    """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
+
+    A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
+    written atomically and has its record), so a rerun continues from them.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(fn)
+    pending: dict[Any, int] = {}
+    results: dict[int, Any] = {}
+    nxt = 0
+    while len(results) < len(calls):
+        while nxt < len(calls) and len(pending) < num_workers:
+            pending[task.remote(*calls[nxt])] = nxt
+            nxt += 1
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
+        if not ready:
+            raise MegadiffError(f"no {what} task finished in {NO_PROGRESS_TIMEOUT_S:.0f} s "
+                                f"(set MEGADIFF_DATA_NO_PROGRESS_S to wait longer)")
+        for ref in ready:
+            k = pending.pop(ref)
+            try:
+                results[k] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, MegadiffError):
+                    raise MegadiffError(str(cause).splitlines()[-1]) from None
+                raise
+            if bar is not None:
+                bar.update(1)
+    return [results[k] for k in range(len(calls))]
+
+
 def _output_config(data_cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -244,199 +439,210 @@ def _output_config(data_cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in c.items() if k not in _NOT_OUTPUT}
 
 
-def _clean_dir(out: Path) -> None:
-    """Delete the manifest (rewritten last) and temp files left by a killed run."""
-    with contextlib.suppress(FileNotFoundError):
-        (out / MANIFEST_NAME).unlink()
-    for p in out.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> PipelineResult:
-    """Run the whole pipeline for ``cfg`` (a MegadiffConfig); returns what it wrote."""
-    import ray
-
-    d = cfg.data
+def _check_config(d: Any) -> None:
     if not d.sources:
         raise MegadiffError("data.sources is empty; give at least one source (see configs/data_shakespeare.yaml)")
-    if d.num_workers < 1 or d.samples_per_shard < 1:
-        raise MegadiffError("data.num_workers and data.samples_per_shard must be >= 1")
+    if d.num_workers < 1 or d.samples_per_shard < 1 or d.partition_bytes < 1:
+        raise MegadiffError("data.num_workers, data.samples_per_shard and data.partition_bytes must be >= 1")
     names = [s.name for s in d.sources]
     if len(set(names)) != len(names):
         raise MegadiffError(f"data.sources names must be unique, got {names}")
+    nd = d.near_dedup
+    if nd.enabled and min(nd.ngram, nd.bands, nd.rows) < 1:
+        raise MegadiffError("data.near_dedup.ngram, bands and rows must be >= 1")
+    build_filters(d.filters, d.min_chars, d.max_chars)  # unknown filters/parameters fail before any work
+
+
+def plan(d: Any) -> list[Partition]:
+    """Every partition of every source, in source order, file order, position order."""
+    parts = []
+    for si, s in enumerate(d.sources):
+        for path in resolve_paths(list(s.paths)):
+            parts += plan_partitions(si, path, s.format, d.partition_bytes)
+    return parts
+
+
+@dataclass
+class _Plan:
+    out: Path
+    work: Path
+    parts: list[Partition]
+    params: dict[str, Any]
+    srcs: list[dict[str, Any]]
+    n_buckets: int
+    scan_fp: list[str]
+    bucket_fp: list[str]
+    cluster_fp: str
+    pack_fp: list[str]
+
+
+def _make_plan(d: Any, tok_sha: str, ids: dict[str, int], dtype: str) -> _Plan:
+    from omegaconf import OmegaConf
+
+    parts = plan(d)
+    params = {"seed": d.seed, "min_chars": d.min_chars, "max_chars": d.max_chars, "valid_fraction": d.valid_fraction,
+              "dtype": dtype, "filters": OmegaConf.to_container(d.filters, resolve=True),
+              "near_dedup": OmegaConf.to_container(d.near_dedup, resolve=True), "seq_len": d.seq_len,
+              "samples_per_shard": d.samples_per_shard, "pad": ids["pad"], "eos": ids["eos"]}
+    srcs = [{"text_field": s.text_field, "doc_split": s.doc_split, "weight": s.weight} for s in d.sources]
+    n_buckets = 2 * d.num_workers
+    scan_params = {k: params[k] for k in ("seed", "min_chars", "max_chars", "valid_fraction", "dtype", "filters",
+                                          "near_dedup")}
+    scan_fp = [_fingerprint(["scan", p.spec(), srcs[p.source], scan_params, tok_sha, n_buckets]) for p in parts]
+    bucket_fp = [_fingerprint(["bucket", b, n_buckets, scan_fp]) for b in range(n_buckets)]
+    # the drop list does not depend on the number of buckets: nor does its fingerprint
+    cluster_fp = _fingerprint(["cluster", [_fingerprint(["scan", p.spec(), srcs[p.source], scan_params, tok_sha])
+                                           for p in parts]])
+    pack_params = {k: params[k] for k in ("seq_len", "samples_per_shard", "pad", "eos", "dtype")}
+    pack_fp = [_fingerprint(["pack", i, p.spec(), srcs[p.source], scan_params, tok_sha, cluster_fp, pack_params])
+               for i, p in enumerate(parts)]
+    out = Path(d.out_dir)
+    return _Plan(out, out / WORK, parts, params, srcs, n_buckets, scan_fp, bucket_fp, cluster_fp, pack_fp)
+
+
+def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tuple[Any, ...]], fn: Callable[..., Any],
+           d: Any, counts: dict[str, dict[str, int]], progress: bool) -> list[dict[str, Any]]:
+    """Run the tasks of one stage whose record does not verify; return every task's record."""
+    recs = [read_record(record_path(pl.work, name, i), fp) for i, fp in enumerate(fps)]
+    todo = [i for i, r in enumerate(recs) if r is None]
+    counts["computed"][name], counts["skipped"][name] = len(todo), len(fps) - len(todo)
+    if todo:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="task", desc=name, dynamic_ncols=True)
+        for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar)):
+            recs[i] = r
+        if bar is not None:
+            bar.close()
+    return recs  # type: ignore[return-value]
+
+
+def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> PipelineResult:
+    """Run the whole pipeline for ``cfg`` (a MegadiffConfig); returns what it wrote and what it skipped."""
+    import ray
+
+    d = cfg.data
+    _check_config(d)
     t0 = time.perf_counter()
     out = Path(d.out_dir)
-    files = [(si, p) for si, s in enumerate(d.sources) for p in resolve_paths(list(s.paths))]
     out.mkdir(parents=True, exist_ok=True)
-    _clean_dir(out)
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST_NAME).unlink()  # rewritten last: its presence means "complete"
 
     tok = build_tokenizer(d)
     tok_json, ids = tokenizer_payload(tok, f"tokenizer ({d.tokenizer.kind})")
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
-    tok_file = tokenizer_file_name(tok_json)
-    if not (out / tok_file).is_file() or sha256_file(out / tok_file) != sha256_bytes(tok_json):
+    tok_file, tok_sha = tokenizer_file_name(tok_json), sha256_bytes(tok_json)
+    if not (out / tok_file).is_file() or sha256_file(out / tok_file) != tok_sha:
         atomic_write_bytes(out / tok_file, tok_json)
-    params = {"seed": d.seed, "min_chars": d.min_chars, "max_chars": d.max_chars,
-              "valid_fraction": d.valid_fraction, "dtype": dtype}
-    srcs = [{"format": s.format, "text_field": s.text_field, "doc_split": s.doc_split, "weight": s.weight}
-            for s in d.sources]
+    pl = _make_plan(d, tok_sha, ids, dtype)
+    pl.work.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {"computed": {}, "skipped": {}}
+    work = str(pl.work)
+    pack_recs = [read_record(record_path(pl.work, "pack", i), fp) for i, fp in enumerate(pl.pack_fp)]
+    if any(r is None for r in pack_recs):
+        with ray_session(d.num_workers):
+            tok_ref = [ray.put(tok_json)]  # in a list: not resolved per task
+            scans = _stage("scan", pl.scan_fp, pl, lambda i: (i, pl.parts[i].spec(), pl.srcs[pl.parts[i].source],
+                           {**pl.params, "n_buckets": pl.n_buckets}, tok_ref, tok_sha, work, pl.scan_fp[i]),
+                           scan_partition, d, counts, progress)
+            keys = [str(pl.work / f"keys-{i:06d}.npy") for i in range(len(pl.parts))]
+            _stage("bucket", pl.bucket_fp, pl, lambda b: (b, keys, work, pl.bucket_fp[b]), dedup_bucket, d, counts,
+                   progress)
+            buckets = [str(pl.work / f"bucket-{b:06d}.npz") for b in range(pl.n_buckets)]
+            clus = _stage("cluster", [pl.cluster_fp], pl, lambda _: (buckets, work, pl.cluster_fp), cluster_stage, d,
+                          counts, progress)[0]
+            drops = str(pl.work / "drops.npy")
+            pack_recs = _stage("pack", pl.pack_fp, pl, lambda i: (i, pl.params, str(out), work, drops,
+                               scans[i]["stats"], pl.pack_fp[i]), pack_partition, d, counts, progress)
+            dedup_stats = clus["stats"]
+    else:
+        counts["computed"] = {"scan": 0, "bucket": 0, "cluster": 0, "pack": 0}
+        counts["skipped"]["pack"] = len(pack_recs)
+        dedup_stats = None
+    manifest = _merge(d, pl, pack_recs, {"file": tok_file, "sha256": tok_sha, "kind": d.tokenizer.kind}, vocab, ids,
+                      dedup_stats)
+    _finish(out, pl, manifest, tok_file)
+    n_docs = sum(s["docs_out"] for s in manifest["sources"].values())
+    n_tok = sum(s["tokens"] for s in manifest["sources"].values())
+    return PipelineResult(out, manifest, counts["computed"], counts["skipped"], time.perf_counter() - t0, n_docs, n_tok)
 
-    splits = {s: SplitStats() for s in SPLITS}
-    counts = {"written": 0, "reused": 0}
 
-    def writer(split: str) -> Any:
-        def emit(k: int, samples: np.ndarray, pad: int) -> None:
-            data = shard_bytes(split, k, samples)
-            sha, name = sha256_bytes(data), shard_name(split, k)
-            path = out / name
-            if path.is_file() and path.stat().st_size == len(data) and sha256_file(path) == sha:
-                counts["reused"] += 1
-            else:
-                atomic_write_bytes(path, data)
-                counts["written"] += 1
-            st = splits[split]
-            n_tok = samples.size - pad
-            st.shards.append({"file": name, "samples": int(samples.shape[0]), "tokens": int(n_tok),
-                              "bytes": len(data), "sha256": sha})
-            st.samples += int(samples.shape[0])
-            st.tokens += int(n_tok)
-            st.pad_tokens += int(pad)
+_SOURCE_KEYS = ("partitions", "files", "docs_in", "filtered", "dedup_exact", "dedup_near", "docs_out", "valid_docs",
+                "repeats", "chars", "tokens")
 
-        return emit
 
-    packers = {s: Packer(d.seq_len, d.samples_per_shard, dtype, ids["pad"], writer(s)) for s in SPLITS}
-    eos = np.asarray([ids["eos"]], dtype=dtype)
-    src_stats = {s.name: {"files": 0, "docs_in": 0, "docs_out": 0, "filtered_short": 0, "filtered_long": 0,
-                          "dedup": 0, "valid_docs": 0, "repeats": 0, "chars": 0, "tokens": 0} for s in d.sources}
-    seen: set[bytes] = set()
-    held: dict[int, list[tuple[np.ndarray, int]]] = {}  # train docs of the current source with copies > 1
+def _merge(d: Any, pl: _Plan, recs: list[dict[str, Any]], tok: dict[str, str], vocab: int, ids: dict[str, int],
+           dedup_stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The pack records, in partition order -> the manifest."""
+    splits = {s: {"samples": 0, "tokens": 0, "pad_tokens": 0, "documents": 0, "shards": []} for s in SPLITS}
+    sources: dict[str, dict[str, Any]] = {}
+    files: dict[str, set[str]] = {}
+    for part, rec in zip(pl.parts, recs):
+        for s in SPLITS:
+            sp, rs = splits[s], rec["splits"][s]
+            for k in ("samples", "tokens", "pad_tokens", "documents"):
+                sp[k] += rs[k]
+            sp["shards"] += rs["shards"]
+        name = d.sources[part.source].name
+        st = sources.setdefault(name, {k: ({} if k == "filtered" else 0) for k in _SOURCE_KEYS})
+        st["partitions"] += 1
+        files.setdefault(name, set()).add(part.path)
+        for k, v in rec["stats"].items():
+            if k == "filtered":
+                for f, n in v.items():
+                    st["filtered"][f] = st["filtered"].get(f, 0) + n
+            elif k in st:
+                st[k] += v
+    for name, fs in files.items():
+        sources[name]["files"] = len(fs)
+    if dedup_stats is None:  # every pack record verified: the totals the finished run recorded
+        dedup_stats = _previous_dedup(pl)
+    return build_manifest(tok, vocab, ids, d.seq_len, splits, sources, _output_config(d), dedup=dedup_stats)
 
-    def flush_repeats(si: int) -> None:
-        docs = held.pop(si, [])
-        for rep in range(1, max((c for _, c in docs), default=1)):
-            for toks, c in docs:
-                if c > rep:
-                    packers["train"].add(toks)
-                    src_stats[d.sources[si].name]["repeats"] += 1
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _previous_dedup(pl: _Plan) -> dict[str, Any]:
+    for f in (pl.work / "dedup.json", record_path(pl.work, "cluster", 0)):
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads(f.read_text())
+            if rec.get("fingerprint") == pl.cluster_fp:
+                return rec["stats"]
+    raise MegadiffError(f"{pl.work}: the dedup totals of the finished partitions are missing; delete {pl.work} "
+                        f"and rerun (every partition is recomputed)")
 
-        bar = tqdm(total=len(files), unit="file", desc="tokenize", dynamic_ncols=True)
-    n_docs = n_tokens = 0
-    with ray_session(d.num_workers):
-        task = ray.remote(num_cpus=1, max_retries=2)(process_file)
-        tok_ref, tok_sha = [ray.put(tok_json)], sha256_bytes(tok_json)  # in a list: not resolved per task
-        pending: dict[Any, int] = {}
-        done: dict[int, dict[str, Any]] = {}
-        nxt_submit = nxt_consume = 0
-        cur_src = 0
-        while nxt_consume < len(files):
-            # at most num_workers tasks in flight (the parallelism), and a bounded read-ahead
-            while nxt_submit < len(files) and len(pending) < d.num_workers and len(done) < 4 * d.num_workers:
-                si, path = files[nxt_submit]
-                pending[task.remote(path, srcs[si], params, tok_ref, tok_sha)] = nxt_submit
-                nxt_submit += 1
-            if nxt_consume not in done:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
-                if not ready:
-                    raise MegadiffError(f"no input file finished in {NO_PROGRESS_TIMEOUT_S:.0f} s "
-                                        f"(set MEGADIFF_DATA_NO_PROGRESS_S to wait longer)")
-                for ref in ready:
-                    try:
-                        done[pending.pop(ref)] = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        cause = e.as_instanceof_cause()
-                        if isinstance(cause, MegadiffError):
-                            raise MegadiffError(str(cause).splitlines()[-1]) from None
-                        raise
-                continue
-            res = done.pop(nxt_consume)
-            si, path = files[nxt_consume]
-            nxt_consume += 1
-            if si != cur_src:
-                flush_repeats(cur_src)
-                cur_src = si
-            st = src_stats[d.sources[si].name]
-            st["files"] += 1
-            st["docs_in"] += len(res["status"])
-            st["chars"] += int(res["chars"].sum())
-            st["filtered_short"] += int((res["status"] == TOO_SHORT).sum())
-            st["filtered_long"] += int((res["status"] == TOO_LONG).sum())
-            bounds = np.concatenate([[0], np.cumsum(res["lengths"])])
-            k = 0  # index among kept documents
-            for j in np.flatnonzero(res["status"] == KEEP):
-                h, toks = res["hashes"][j], res["tokens"][bounds[k] : bounds[k + 1]]
-                k += 1
-                if h in seen:
-                    st["dedup"] += 1
-                    continue
-                seen.add(h)
-                toks = np.concatenate([toks, eos])
-                st["docs_out"] += 1
-                st["tokens"] += len(toks)
-                n_docs += 1
-                n_tokens += len(toks)
-                if res["valid"][j]:
-                    st["valid_docs"] += 1
-                    splits["valid"].documents += 1
-                    packers["valid"].add(toks)
-                    continue
-                c = int(res["copies"][j])
-                if c >= 1:
-                    splits["train"].documents += 1
-                    packers["train"].add(toks)
-                if c > 1:
-                    held.setdefault(si, []).append((toks, c))
-            if bar is not None:
-                el = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{n_docs / el:,.0f} docs/s, {n_tokens / el:,.0f} tok/s")
-                bar.update(1)
-        flush_repeats(cur_src)
-        for p in packers.values():
-            p.finish()
-    if bar is not None:
-        bar.close()
 
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "tokenizer": {"file": tok_file, "sha256": sha256_bytes(tok_json), "kind": d.tokenizer.kind},
-        "vocab_size": vocab,
-        "special_ids": ids,
-        "seq_len": d.seq_len,
-        "dtype": dtype,
-        "splits": {name: {"samples": s.samples, "tokens": s.tokens, "pad_tokens": s.pad_tokens,
-                          "documents": s.documents, "shards": s.shards} for name, s in splits.items()},
-        "sources": src_stats,
-        "config": _output_config(d),
-    }
-    keep = {sh["file"] for s in splits.values() for sh in s.shards} | {tok_file}
+def _finish(out: Path, pl: _Plan, manifest: dict[str, Any], tok_file: str) -> None:
+    """Remove stale shards and the intermediate files; keep the pack records; write the manifest last."""
+    keep = {sh["file"] for s in manifest["splits"].values() for sh in s["shards"]} | {tok_file}
     for p in list(out.glob("*.tar")) + list(out.glob("tokenizer-*.json")):
-        if p.name not in keep and re.fullmatch(r"(train|valid)-\d{6}\.tar|tokenizer-[0-9a-f]{8}\.json", p.name):
+        if p.name not in keep and re.fullmatch(r"(train|valid)-\d{6}(-\d{4})?\.tar|tokenizer-[0-9a-f]{8}\.json", p.name):
             p.unlink()  # left by an earlier run with another config
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    return PipelineResult(out, manifest, counts["written"], counts["reused"], time.perf_counter() - t0,
-                          n_docs, n_tokens)
+    atomic_write_json(pl.work / "dedup.json", {"fingerprint": pl.cluster_fp, "stats": manifest["dedup"]})
+    packs = {record_path(pl.work, "pack", i).name for i in range(len(pl.parts))} | {"dedup.json"}
+    for p in pl.work.iterdir():
+        if p.name not in packs:
+            p.unlink()
+    write_manifest(out, manifest)
 
 
 def print_summary(res: PipelineResult, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     m = res.manifest
     t = Table(title=f"sources -> {res.out_dir}")
-    cols = ["files", "docs_in", "filtered_short", "filtered_long", "dedup", "docs_out", "valid_docs", "repeats",
+    cols = ["partitions", "docs_in", "filtered", "dedup_exact", "dedup_near", "docs_out", "valid_docs", "repeats",
             "tokens"]
     t.add_column("source")
     for c in cols:
         t.add_column(c, justify="right")
     for name, st in m["sources"].items():
-        t.add_row(name, *(f"{st[c]:,}" for c in cols))
+        t.add_row(name, *(", ".join(f"{k} {v:,}" for k, v in st[c].items()) if c == "filtered" else f"{st[c]:,}"
+                          for c in cols))
     console.print(t)
     s = Table(title="splits")
     for c in ("split", "shards", "samples", "tokens", "pad_tokens", "documents"):
@@ -445,9 +651,11 @@ def print_summary(res: PipelineResult, console: Any = None) -> None:
         s.add_row(name, f"{len(sp['shards']):,}", f"{sp['samples']:,}", f"{sp['tokens']:,}", f"{sp['pad_tokens']:,}",
                   f"{sp['documents']:,}")
     console.print(s)
+    dd = m["dedup"]
     el = max(res.seconds, 1e-9)
     console.print(
         f"vocab {m['vocab_size']:,} ({m['tokenizer']['file']}), seq_len {m['seq_len']}, dtype {m['dtype']}; "
         f"{res.docs:,} docs, {res.tokens:,} tokens in {res.seconds:.1f} s ({res.docs / el:,.0f} docs/s, "
-        f"{res.tokens / el:,.0f} tokens/s); shards written {res.written}, kept from an earlier run {res.reused}"
+        f"{res.tokens / el:,.0f} tokens/s); dedup: {dd['exact_removed']:,} exact, {dd['near_removed']:,} near "
+        f"({dd['near_clusters']:,} clusters); tasks run {res.computed}, skipped (record verified) {res.skipped}"
     )

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -50,6 +50,14 @@ class DatasetRef:
 
 
 @dataclass
+class NearDedupConfig:
+    enabled: bool = False  # MinHash + LSH near-duplicate removal (data_pipelines/dedup.py)
+    ngram: int = 5  # word n-gram shingles
+    bands: int = 14  # LSH bands; documents sharing one band's hash are candidates
+    rows: int = 8  # MinHash values per band (bands x rows permutations)
+
+
+@dataclass
 class DataConfig:
     # --- pipeline (raw text -> shards), used by `megadiff data tokenize`
     sources: List[SourceConfig] = field(default_factory=list)
@@ -62,6 +70,9 @@ class DataConfig:
     samples_per_shard: int = 2048  # packed samples per .tar shard
     num_workers: int = 2  # Ray workers (parallelism of the tokenize stage)
     seed: int = 1234  # seeds mixture sampling and the valid split
+    partition_bytes: int = 64 << 20  # work unit: jsonl byte ranges / parquet row groups of about this size
+    filters: Dict[str, Any] = field(default_factory=dict)  # quality filters {name: {param: value}} (data_pipelines/filters.py)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     # --- loader (shards -> batches), used by training and evaluation
     train: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: train}]
     valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]

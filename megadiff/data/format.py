@@ -50,13 +50,18 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 65536 else "uint32"
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, partition: int | None = None) -> str:
+    """``<split>-<index:06d>.tar``, or ``<split>-<partition:06d>-<index:04d>.tar`` for the shards the
+    pipeline's partition ``partition`` writes (each partition numbers its own shards from 0)."""
+    if partition is None:
+        return f"{split}-{index:06d}.tar"
+    return f"{split}-{partition:06d}-{index:04d}.tar"
 
 
-def sample_key(split: str, shard_index: int, j: int) -> str:
-    """webdataset key of sample j in a shard (no dots: the extension starts at the first dot)."""
-    return f"{split}-{shard_index:06d}-{j:06d}"
+def sample_key(shard_file: str, j: int) -> str:
+    """webdataset key of sample j in a shard: the shard's stem + ``-<j:06d>`` (no dots: the extension
+    starts at the first dot)."""
+    return f"{Path(shard_file).name.removesuffix('.tar')}-{j:06d}"
 
 
 def npy_header(dtype: str, seq_len: int) -> bytes:
@@ -66,7 +71,7 @@ def npy_header(dtype: str, seq_len: int) -> bytes:
     return buf.getvalue()[: -seq_len * np.dtype(dtype).itemsize]
 
 
-def shard_bytes(split: str, shard_index: int, samples: np.ndarray) -> bytes:
+def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     """Serialize ``samples`` [n, seq_len] (already in the token dtype) as one deterministic tar."""
     if samples.ndim != 2:
         raise ValueError(f"samples must be [n, seq_len], got shape {samples.shape}")
@@ -76,7 +81,7 @@ def shard_bytes(split: str, shard_index: int, samples: np.ndarray) -> bytes:
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for j in range(samples.shape[0]):
             payload = header + samples[j].tobytes()
-            ti = tarfile.TarInfo(f"{sample_key(split, shard_index, j)}.npy")
+            ti = tarfile.TarInfo(f"{sample_key(shard_file, j)}.npy")
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
             tar.addfile(ti, io.BytesIO(payload))
     return out.getvalue()
@@ -188,31 +193,40 @@ def check_compat(
         )
 
 
+def check_shard(directory: str | os.PathLike, entry: dict[str, Any], checksum: bool = True) -> str | None:
+    """The one shard check: ``entry`` (a manifest shard entry) against its file -> None or the problem."""
+    f = Path(directory) / entry["file"]
+    if not f.is_file():
+        return f"{f}: shard missing (listed in {Path(directory) / MANIFEST_NAME})"
+    if f.stat().st_size != entry["bytes"]:
+        return f"{f}: {f.stat().st_size} bytes but the manifest says {entry['bytes']} (truncated or overwritten)"
+    if checksum and sha256_file(f) != entry["sha256"]:
+        return f"{f}: sha256 differs from {Path(directory) / MANIFEST_NAME} (corrupt or changed)"
+    return None
+
+
+def check_tokenizer_copy(directory: str | os.PathLike, m: dict[str, Any], checksum: bool = True) -> str | None:
+    """The one tokenizer-copy check -> None or the problem."""
+    tok = Path(directory) / m["tokenizer"]["file"]
+    if not tok.is_file():
+        return f"{tok} (the dataset's tokenizer copy) is missing"
+    if checksum and sha256_file(tok) != m["tokenizer"]["sha256"]:
+        return f"{tok}: sha256 differs from {Path(directory) / MANIFEST_NAME}"
+    return None
+
+
 def verify_dir(path: str | os.PathLike, splits: tuple[str, ...] | None = None) -> list[str]:
     """Check every shard (exists, size, sha256) and the tokenizer copy; return the problems found."""
     d = Path(path)
     m = read_manifest(d)
-    problems = []
-    tok = d / m["tokenizer"]["file"]
-    if not tok.is_file():
-        problems.append(f"{tok}: tokenizer copy missing")
-    elif sha256_file(tok) != m["tokenizer"]["sha256"]:
-        problems.append(f"{tok}: sha256 mismatch")
+    problems = [p for p in [check_tokenizer_copy(d, m)] if p]
     for name, sp in m["splits"].items():
-        if splits and name not in splits:
-            continue
-        for sh in sp["shards"]:
-            f = d / sh["file"]
-            if not f.is_file():
-                problems.append(f"{f}: missing")
-            elif f.stat().st_size != sh["bytes"]:
-                problems.append(f"{f}: {f.stat().st_size} bytes, manifest says {sh['bytes']} (truncated?)")
-            elif sha256_file(f) != sh["sha256"]:
-                problems.append(f"{f}: sha256 mismatch")
+        if not splits or name in splits:
+            problems += [p for p in (check_shard(d, sh) for sh in sp["shards"]) if p]
     return problems
 
 
-def index_shard(path: str | os.PathLike, split: str, shard_index: int, expected: int) -> np.ndarray:
+def index_shard(path: str | os.PathLike, expected: int) -> np.ndarray:
     """Offsets of the .npy payloads of a shard's samples, in member order.
 
     Members whose header is unreadable or whose name is not the expected key get offset -1
@@ -224,7 +238,7 @@ def index_shard(path: str | os.PathLike, split: str, shard_index: int, expected:
             for j, ti in enumerate(tar):
                 if j >= expected:
                     break
-                if ti.name == f"{sample_key(split, shard_index, j)}.npy" and ti.isfile():
+                if ti.name == f"{sample_key(str(path), j)}.npy" and ti.isfile():
                     offsets[j] = ti.offset_data
     except (tarfile.TarError, EOFError, OSError):
         pass  # the samples indexed so far stay usable; the rest are -1
@@ -268,7 +282,7 @@ def write_dataset(
     The Ray pipeline streams its shards itself; this helper makes small datasets for tests and tools
     (same layout, same bytes for the same samples).
     """
-    from megadiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from megadiff.utils.io import atomic_write_bytes, sha256_bytes
 
     out = Path(out_dir)
     dtype = token_dtype(vocab_size)
@@ -285,18 +299,37 @@ def write_dataset(
         shards = []
         for k, a in enumerate(range(0, len(arr), samples_per_shard)):
             chunk = arr[a : a + samples_per_shard].astype(dtype)
-            data = shard_bytes(split, k, chunk)
-            atomic_write_bytes(out / shard_name(split, k), data)
-            shards.append({"file": shard_name(split, k), "samples": len(chunk), "tokens": int(chunk.size),
-                           "bytes": len(data), "sha256": sha256_bytes(data)})
+            name = shard_name(split, k)
+            data = shard_bytes(name, chunk)
+            atomic_write_bytes(out / name, data)
+            shards.append(shard_entry(name, data, len(chunk), int(chunk.size)))
         splits[split] = {"samples": len(arr), "tokens": int(arr.size), "pad_tokens": 0, "documents": 0,
                          "shards": shards}
-    manifest = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "tokenizer": {"file": tok_file, "sha256": sha256_bytes(tokenizer_json), "kind": "file"},
-        "vocab_size": vocab_size, "special_ids": dict(special_ids), "seq_len": seq_lens.pop(), "dtype": dtype,
-        "splits": splits, "sources": {}, "config": config or {},
-    }
-    validate_manifest(manifest, out / MANIFEST_NAME)
-    atomic_write_json(out / MANIFEST_NAME, manifest)
+    manifest = build_manifest({"file": tok_file, "sha256": sha256_bytes(tokenizer_json), "kind": "file"},
+                              vocab_size, special_ids, seq_lens.pop(), splits, {}, config or {})
+    write_manifest(out, manifest)
     return manifest
+
+
+def shard_entry(name: str, data: bytes, samples: int, tokens: int) -> dict[str, Any]:
+    """A manifest shard entry for the serialized shard ``data`` written as ``name``."""
+    from megadiff.utils.io import sha256_bytes
+
+    return {"file": name, "samples": samples, "tokens": tokens, "bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def build_manifest(tokenizer: dict[str, str], vocab_size: int, special_ids: dict[str, int], seq_len: int,
+                   splits: dict[str, Any], sources: dict[str, Any], config: dict[str, Any],
+                   **extra: Any) -> dict[str, Any]:
+    """The one place a manifest is assembled (the pipeline and write_dataset both call it)."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tokenizer": dict(tokenizer),
+            "vocab_size": vocab_size, "special_ids": dict(special_ids), "seq_len": seq_len,
+            "dtype": token_dtype(vocab_size), "splits": splits, "sources": sources, "config": config, **extra}
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Validate, then write ``<out_dir>/manifest.json`` atomically (the last file a writer writes)."""
+    from megadiff.utils.io import atomic_write_json
+
+    validate_manifest(manifest, Path(out_dir) / MANIFEST_NAME)
+    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest)

@@ -28,13 +28,14 @@ from megadiff.data.format import (
     MANIFEST_NAME,
     ManifestInfo,
     check_compat,
+    check_shard,
+    check_tokenizer_copy,
     index_shard,
     manifest_info,
     npy_header,
     read_manifest,
     sample_key,
 )
-from megadiff.utils.io import sha256_file
 
 __all__ = ["ShardDataset", "GlobalBatchLoader", "ManifestInfo", "check_compat"]
 
@@ -61,25 +62,19 @@ class ShardDataset:
         self.shards = splits[split]["shards"]
         self.files = [self.path / sh["file"] for sh in self.shards]
         self._bad_shards: set[int] = set()
-        tok = Path(self.info.tokenizer_path)
-        if not tok.is_file():
-            raise MegadiffError(f"{tok} (the dataset's tokenizer copy) is missing; {_REWRITE}")
-        for k, (f, sh) in enumerate(zip(self.files, self.shards)):
-            problem = None
-            if not f.is_file():
-                problem = f"{f}: shard missing (listed in {self.path / MANIFEST_NAME})"
-            elif f.stat().st_size != sh["bytes"]:
-                problem = f"{f}: {f.stat().st_size} bytes but the manifest says {sh['bytes']} (truncated or overwritten)"
-            elif verify and sha256_file(f) != sh["sha256"]:
-                raise MegadiffError(f"{f}: sha256 differs from {self.path / MANIFEST_NAME} (corrupt or changed); {_REWRITE}")
+        problem = check_tokenizer_copy(self.path, self.manifest, checksum=verify)
+        if problem:
+            raise MegadiffError(f"{problem}; {_REWRITE}")
+        for k, sh in enumerate(self.shards):
+            problem = check_shard(self.path, sh, checksum=verify)
+            if problem and self.files[k].is_file() and self.files[k].stat().st_size == sh["bytes"]:
+                raise MegadiffError(f"{problem}; {_REWRITE}")  # a checksum failure is never skipped
             if problem:
                 if not skip_corrupt:
                     raise MegadiffError(f"{problem}; {_REWRITE}, {_SKIP}")
                 log.warning("%s; its unreadable samples will be skipped", problem)
-                if not f.is_file():
+                if not self.files[k].is_file():
                     self._bad_shards.add(k)
-        if verify and sha256_file(tok) != self.info.tokenizer_sha256:
-            raise MegadiffError(f"{tok}: sha256 differs from {self.path / MANIFEST_NAME}; {_REWRITE}")
         self.cum = np.cumsum([0] + [sh["samples"] for sh in self.shards]).astype(np.int64)
         self.seq_len = self.info.seq_len
         self.dtype = np.dtype(self.info.dtype)
@@ -120,7 +115,7 @@ class ShardDataset:
                 arr = np.frombuffer(mm, self.dtype, self.seq_len, off + self._hlen)
                 if int(arr.max()) < self.info.vocab_size:
                     return arr.astype(np.int64)
-        what = f"{self.files[k]}: sample {j} ({sample_key(self.split, k, j)}.npy) is unreadable"
+        what = f"{self.files[k]}: sample {j} ({sample_key(self.shards[k]['file'], j)}.npy) is unreadable"
         if not self.skip_corrupt:
             raise MegadiffError(f"{what} (corrupt or truncated shard); {_REWRITE}, {_SKIP}")
         self._bad.add(i)
@@ -129,7 +124,7 @@ class ShardDataset:
 
     def _index(self, k: int) -> np.ndarray:
         if k not in self._offsets:
-            self._offsets[k] = index_shard(self.files[k], self.split, k, self.shards[k]["samples"])
+            self._offsets[k] = index_shard(self.files[k], self.shards[k]["samples"])
         return self._offsets[k]
 
     def _map(self, k: int) -> tuple[mmap.mmap, int]:

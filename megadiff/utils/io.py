@@ -2,7 +2,8 @@
 
 Every file megadiff writes goes through here: the bytes land in a temp file in the same
 directory, are fsync'ed, and are renamed over the destination, so a crash leaves either the
-old file or the new one, never a half-written file.
+old file or the new one, never a half-written file. Files and directories get the mode an
+ordinary write would (0666 / 0777 minus the process umask), not the temp file's 0600.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_output_file(path, "wb") as f:
         f.write(data)
@@ -46,6 +54,7 @@ def atomic_output_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[An
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an ordinary write honours the umask
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -70,6 +79,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
