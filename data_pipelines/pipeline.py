@@ -364,6 +364,7 @@ class PipelineResult:
     manifest: dict[str, Any]
     computed: dict[str, int]  # tasks run by this call, per stage (scan, bucket, cluster, pack)
     skipped: dict[str, int]  # tasks whose record verified (not run)
+    nodes: dict[str, int]  # tasks run per Ray node id
     seconds: float
     docs: int
     tokens: int
@@ -397,22 +398,29 @@ def ray_session(num_workers: int) -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
+    """``fn(*args)`` and the id of the Ray node it ran on."""
+    import ray
+
+    return fn(*args), ray.get_runtime_context().get_node_id()
+
+
 def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers: int, what: str,
-              bar: Any = None) -> list[Any]:
+              bar: Any = None, nodes: dict[str, int] | None = None) -> list[Any]:
     """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
 
-    A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
+    ``nodes`` (if given) counts the tasks per Ray node id. A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
     written atomically and has its record), so a rerun continues from them.
     """
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=2)(fn)
+    task = ray.remote(num_cpus=1, max_retries=2)(_on_node)
     pending: dict[Any, int] = {}
     results: dict[int, Any] = {}
     nxt = 0
     while len(results) < len(calls):
         while nxt < len(calls) and len(pending) < num_workers:
-            pending[task.remote(*calls[nxt])] = nxt
+            pending[task.remote(fn, *calls[nxt])] = nxt
             nxt += 1
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
         if not ready:
@@ -421,7 +429,9 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
         for ref in ready:
             k = pending.pop(ref)
             try:
-                results[k] = ray.get(ref)
+                results[k], node = ray.get(ref)
+                if nodes is not None:
+                    nodes[node] = nodes.get(node, 0) + 1
             except ray.exceptions.RayTaskError as e:
                 cause = e.as_instanceof_cause()
                 if isinstance(cause, MegadiffError):
@@ -501,7 +511,7 @@ def _make_plan(d: Any, tok_sha: str, ids: dict[str, int], dtype: str) -> _Plan:
 
 
 def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tuple[Any, ...]], fn: Callable[..., Any],
-           d: Any, counts: dict[str, dict[str, int]], progress: bool) -> list[dict[str, Any]]:
+           d: Any, counts: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
     """Run the tasks of one stage whose record does not verify; return every task's record."""
     recs = [read_record(record_path(pl.work, name, i), fp) for i, fp in enumerate(fps)]
     todo = [i for i, r in enumerate(recs) if r is None]
@@ -512,7 +522,8 @@ def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tupl
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), unit="task", desc=name, dynamic_ncols=True)
-        for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar)):
+        for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar,
+                                                counts["nodes"])):
             recs[i] = r
         if bar is not None:
             bar.close()
@@ -528,9 +539,6 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
     t0 = time.perf_counter()
     out = Path(d.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (out / MANIFEST_NAME).unlink()  # rewritten last: its presence means "complete"
-
     tok = build_tokenizer(d)
     tok_json, ids = tokenizer_payload(tok, f"tokenizer ({d.tokenizer.kind})")
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -540,7 +548,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
         atomic_write_bytes(out / tok_file, tok_json)
     pl = _make_plan(d, tok_sha, ids, dtype)
     pl.work.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, dict[str, int]] = {"computed": {}, "skipped": {}}
+    counts: dict[str, Any] = {"computed": {}, "skipped": {}, "nodes": {}}
     work = str(pl.work)
     pack_recs = [read_record(record_path(pl.work, "pack", i), fp) for i, fp in enumerate(pl.pack_fp)]
     if any(r is None for r in pack_recs):
@@ -556,6 +564,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
             clus = _stage("cluster", [pl.cluster_fp], pl, lambda _: (buckets, work, pl.cluster_fp), cluster_stage, d,
                           counts, progress)[0]
             drops = str(pl.work / "drops.npy")
+            _drop_manifest(out)  # shards are about to change: until the new manifest, the dataset is incomplete
             pack_recs = _stage("pack", pl.pack_fp, pl, lambda i: (i, pl.params, str(out), work, drops,
                                scans[i]["stats"], pl.pack_fp[i]), pack_partition, d, counts, progress)
             dedup_stats = clus["stats"]
@@ -568,7 +577,13 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
     _finish(out, pl, manifest, tok_file)
     n_docs = sum(s["docs_out"] for s in manifest["sources"].values())
     n_tok = sum(s["tokens"] for s in manifest["sources"].values())
-    return PipelineResult(out, manifest, counts["computed"], counts["skipped"], time.perf_counter() - t0, n_docs, n_tok)
+    return PipelineResult(out, manifest, counts["computed"], counts["skipped"], counts["nodes"],
+                          time.perf_counter() - t0, n_docs, n_tok)
+
+
+def _drop_manifest(out: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST_NAME).unlink()
 
 
 _SOURCE_KEYS = ("partitions", "files", "docs_in", "filtered", "dedup_exact", "dedup_near", "docs_out", "valid_docs",

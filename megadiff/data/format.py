@@ -261,10 +261,11 @@ def describe(path: str | os.PathLike) -> str:
                      f"{sp.get('pad_tokens', 0):>8,}{sp.get('documents', 0):>8,}")
     src = m.get("sources", {})
     if src:
-        lines.append(f"{'source':<16}{'docs_in':>9}{'short':>7}{'long':>7}{'dedup':>7}{'docs_out':>9}{'tokens':>13}")
+        lines.append(f"{'source':<16}{'docs_in':>9}{'filtered':>9}{'dedup':>7}{'near':>6}{'docs_out':>9}{'tokens':>13}")
         for name, st in src.items():
-            lines.append(f"{name:<16}{st['docs_in']:>9,}{st['filtered_short']:>7,}{st['filtered_long']:>7,}"
-                         f"{st['dedup']:>7,}{st['docs_out']:>9,}{st['tokens']:>13,}")
+            filtered = sum(st["filtered"].values()) if "filtered" in st else st["filtered_short"] + st["filtered_long"]
+            lines.append(f"{name:<16}{st['docs_in']:>9,}{filtered:>9,}{st.get('dedup_exact', st.get('dedup', 0)):>7,}"
+                         f"{st.get('dedup_near', 0):>6,}{st['docs_out']:>9,}{st['tokens']:>13,}")
     return "\n".join(lines)
 
 
