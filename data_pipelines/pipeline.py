@@ -200,6 +200,14 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _named(docs: Iterator[str], i: int) -> Iterator[str]:
+    """Prefix read errors with the partition's number."""
+    try:
+        yield from docs
+    except MegadiffError as e:
+        raise MegadiffError(f"partition {i}: {e}") from None
+
+
 def scan_partition(i: int, part: dict[str, Any], src: dict[str, Any], params: dict[str, Any],
                    tok_json: bytes | list[Any], tok_sha: str, work: str, fingerprint: str) -> dict[str, Any]:
     """Stage 1 for partition ``i``: documents -> tokens + split/repeat decisions + dedup keys (files)."""
@@ -213,7 +221,7 @@ def scan_partition(i: int, part: dict[str, Any], src: dict[str, Any], params: di
     valid, copies, keys = [], [], []
     filtered = {name: 0 for name, _ in filters}
     docs_in = chars = 0
-    for raw in read_partition(p, src["text_field"], src["doc_split"]):
+    for raw in _named(read_partition(p, src["text_field"], src["doc_split"]), i):
         docs_in += 1
         text, dropped_by = apply_filters(filters, normalize(raw))
         if text is None:
