@@ -287,3 +287,101 @@ def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
     assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in kept)} == kept
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")  # same bytes as the uninterrupted run
     assert json.loads((out / MANIFEST_NAME).read_text()) == ref.manifest
+
+
+@pytest.mark.slow
+def test_webdataset_reads_the_shards_as_the_loader_does(built):
+    """The shards are plain webdataset tars: keys, dtype and tokens through `webdataset` equal ShardDataset's."""
+    import webdataset as wds
+
+    from megadiff.data.format import sample_key
+
+    base, r1, _ = built
+    d = base / "w1"
+    m = r1.manifest
+    for split in ("train", "valid"):
+        files = [sh["file"] for sh in m["splits"][split]["shards"]]
+        got = list(wds.WebDataset([str(d / f) for f in files], shardshuffle=False).decode())
+        ds = ShardDataset(d, split)
+        want_keys = [sample_key(f, j) for f, sh in zip(files, m["splits"][split]["shards"]) for j in range(sh["samples"])]
+        assert [s["__key__"] for s in got] == want_keys and len(got) == len(ds) > 0
+        assert {s["npy"].dtype.name for s in got} == {m["dtype"]} and got[0]["npy"].shape == (m["seq_len"],)
+        assert np.array_equal(np.stack([s["npy"] for s in got]).astype(np.int64), ds.get_batch(range(len(ds))))
+
+
+def _words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(f"w{int(i)}" for i in rng.integers(0, 5000, n)) + "."
+
+
+@pytest.fixture(scope="module")
+def web_corpus(tmp_path_factory):
+    """Two web-style sources with planted exact and near duplicates and low-quality documents:
+    `web` (two jsonl files, cut into byte ranges) and `pq` (parquet with id/text/url, row groups of 3)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("web")
+    rng = np.random.default_rng(5)
+    docs = [_words(rng, 120) for _ in range(16)]
+    near5 = docs[5].replace(docs[5].split()[60], "CHANGED", 1)
+    near12 = docs[12].replace(docs[12].split()[30], "EDITED", 1)
+    short, rep = "buy now cheap.", "\n".join(["the same line again and again."] * 20)
+    file1 = docs[:6] + [short]
+    file2 = [docs[6], docs[3], docs[7], near5, rep, docs[8]]  # docs[3]: exact copy; near5: near copy (same source)
+    pq_docs = [docs[9], docs[0], docs[10], docs[11], near12, docs[12], docs[13]]  # docs[0] exact (other source);
+    # near12 comes before docs[12] in input order: it is the first occurrence, docs[12] the near copy
+    for name, texts in (("a.jsonl", file1), ("b.jsonl", file2)):
+        (root / name).write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(pq_docs))], "text": pq_docs,
+                             "url": [f"https://x/{i}" for i in range(len(pq_docs))]}), root / "c.parquet",
+                   row_group_size=3)
+    kept = set(docs[:12]) | {near12, docs[13]}
+    return root, kept
+
+
+def web_cfg(root: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"data.out_dir={out}",
+        "data.sources=[{name: web, paths: ['" + str(root / "*.jsonl") + "']}, {name: pq, paths: ['"
+        + str(root / "*.parquet") + "']}]",
+        "data.tokenizer.vocab_size=400", "data.seq_len=32", "data.samples_per_shard=16", "data.valid_fraction=0.2",
+        "data.partition_bytes=2000", "data.near_dedup.enabled=true",
+        "data.filters={gopher_quality: {min_stop_words: 0}, gopher_repetition: {}}", *extra])
+
+
+@pytest.mark.slow
+def test_dedup_and_filters_in_the_pipeline(ray_up, web_corpus, tmp_path):
+    root, kept = web_corpus
+    r1 = run_pipeline(web_cfg(root, tmp_path / "w1", "data.num_workers=1"), progress=False)
+    r2 = run_pipeline(web_cfg(root, tmp_path / "w2", "data.num_workers=2"), progress=False)
+    assert dir_bytes(tmp_path / "w1") == dir_bytes(tmp_path / "w2") and r2.computed["bucket"] == 4
+    m = r1.manifest
+    web, pq_ = m["sources"]["web"], m["sources"]["pq"]
+    assert web["files"] == 2 and web["partitions"] > 2 and pq_["partitions"] == 3  # byte ranges, row groups
+    assert web["filtered"] == {"length": 0, "gopher_quality": 1, "gopher_repetition": 1}
+    assert (web["dedup_exact"], web["dedup_near"], pq_["dedup_exact"], pq_["dedup_near"]) == (1, 1, 1, 1)
+    assert m["dedup"] == {"exact_removed": 2, "near_removed": 2, "near_clusters": 2, "near_cluster_sizes": {"2": 2}}
+    got = decode_docs(tmp_path / "w1", "train") + decode_docs(tmp_path / "w1", "valid")
+    assert sorted(got) == sorted(kept)  # every first occurrence, no copy
+
+
+@pytest.mark.slow
+def test_bad_partition_fails_clearly_and_keeps_the_finished_dataset(ray_up, web_corpus, tmp_path):
+    import zstandard
+
+    root, _ = web_corpus
+    out = tmp_path / "ds"
+    run_pipeline(web_cfg(root, out), progress=False)
+    before = dir_bytes(out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 5000)
+    (bad / "z.jsonl.zst").write_bytes(good[: len(good) // 2] + b"\x01" * 64)
+    tok = next(out.glob("tokenizer-*.json"))  # a given tokenizer: the bad file is met by a scan task
+    cfg = web_cfg(root, out, "data.sources=[{name: web, paths: ['" + str(root / "*.jsonl") + "', '"
+                  + str(bad / "*.zst") + "']}]", "data.tokenizer.kind=file", f"data.tokenizer.path={tok}")
+    with pytest.raises(MegadiffError, match=r"partition \d+: .*z\.jsonl\.zst: cannot read it \(ZstdError"):
+        run_pipeline(cfg, progress=False)
+    assert {k: v for k, v in dir_bytes(out).items() if not k.startswith(WORK)} == {
+        k: v for k, v in before.items() if not k.startswith(WORK)}  # the finished dataset is untouched
+    assert verify_dir(out) == [] and len(ShardDataset(out)) > 0
