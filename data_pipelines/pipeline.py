@@ -44,9 +44,12 @@ from data_pipelines.sources import Partition, normalize, plan_partitions, read_p
 from data_pipelines.tokenizer import build_tokenizer, tokenizer_payload
 from megadiff import MegadiffError
 from megadiff.data.format import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     SPLITS,
     build_manifest,
+    docs_bytes,
+    docs_name,
     shard_bytes,
     shard_entry,
     shard_name,
@@ -266,21 +269,25 @@ def cluster_stage(bucket_files: list[str], work: str, fingerprint: str) -> dict[
 
 
 class Packer:
-    """Concatenate-and-chunk into [seq_len] samples; hands each full shard to ``emit``."""
+    """Concatenate-and-chunk documents into [seq_len] samples; hands each full shard to
+    ``emit(samples, pad, starts)`` where ``starts[j]`` are the positions in sample j where a segment
+    (a document, or the padding tail) begins, 0 always included."""
 
     def __init__(self, seq_len: int, per_shard: int, dtype: str, pad_id: int, emit: Callable[..., None]):
         self.seq_len, self.per_shard, self.dtype, self.pad_id, self.emit = seq_len, per_shard, dtype, pad_id, emit
         self.buf: list[np.ndarray] = []
         self.n = 0
+        self.starts: list[int] = []  # document starts, relative to the buffer
 
     def add(self, tokens: np.ndarray) -> None:
+        self.starts.append(self.n)
         self.buf.append(tokens)
         self.n += len(tokens)
         cap = self.seq_len * self.per_shard
         if self.n >= cap:
             flat = np.concatenate(self.buf)
             while len(flat) >= cap:
-                self.emit(flat[:cap].reshape(self.per_shard, self.seq_len), 0)
+                self._emit(flat[:cap], 0)
                 flat = flat[cap:]
             self.buf, self.n = [flat], len(flat)
 
@@ -289,9 +296,17 @@ class Packer:
             return
         flat = np.concatenate(self.buf)
         pad = (-len(flat)) % self.seq_len
-        flat = np.concatenate([flat, np.full(pad, self.pad_id, dtype=self.dtype)])
-        self.emit(flat.reshape(-1, self.seq_len), pad)
+        if pad:
+            self.starts.append(len(flat))
+        self._emit(np.concatenate([flat, np.full(pad, self.pad_id, dtype=self.dtype)]), pad)
         self.buf, self.n = [], 0
+
+    def _emit(self, flat: np.ndarray, pad: int) -> None:
+        L, n = self.seq_len, len(flat)
+        st = np.asarray([x for x in self.starts if x < n], dtype=np.int64)
+        self.starts = [x - n for x in self.starts if x >= n]
+        per = [np.union1d([0], st[(st >= j * L) & (st < (j + 1) * L)] - j * L) for j in range(n // L)]
+        self.emit(flat.reshape(-1, L), pad, per)
 
 
 @dataclass
@@ -315,13 +330,15 @@ def pack_partition(i: int, params: dict[str, Any], out: str, work: str, drops_fi
     files: dict[str, Path] = {}
 
     def writer(split: str) -> Callable[..., None]:
-        def emit(samples: np.ndarray, pad: int) -> None:
+        def emit(samples: np.ndarray, pad: int, starts: list[np.ndarray]) -> None:
             st = splits[split]
             name = shard_name(split, len(st.shards), i)
             data = shard_bytes(name, np.ascontiguousarray(samples, dtype=dtype))
+            docs = docs_bytes(starts)
+            atomic_write_bytes(od / docs_name(name), docs)
             atomic_write_bytes(od / name, data)
-            files[name] = od / name
-            st.shards.append(shard_entry(name, data, int(samples.shape[0]), int(samples.size - pad)))
+            files[name], files[docs_name(name)] = od / name, od / docs_name(name)
+            st.shards.append(shard_entry(name, data, int(samples.shape[0]), int(samples.size - pad), docs))
             st.samples += int(samples.shape[0])
             st.tokens += int(samples.size - pad)
             st.pad_tokens += pad
@@ -517,6 +534,7 @@ def _make_plan(d: Any, tok_sha: str, ids: dict[str, int], dtype: str) -> _Plan:
     cluster_fp = _fingerprint(["cluster", [_fingerprint(["scan", p.spec(), srcs[p.source], scan_params, tok_sha])
                                            for p in parts]])
     pack_params = {k: params[k] for k in ("seq_len", "samples_per_shard", "pad", "eos", "dtype")}
+    pack_params["format"] = FORMAT_VERSION
     pack_fp = [_fingerprint(["pack", i, p.spec(), srcs[p.source], scan_params, tok_sha, cluster_fp, pack_params])
                for i, p in enumerate(parts)]
     out = Path(d.out_dir)
@@ -644,9 +662,11 @@ def _previous_dedup(pl: _Plan) -> dict[str, Any]:
 
 def _finish(out: Path, pl: _Plan, manifest: dict[str, Any], tok_file: str) -> None:
     """Remove stale shards and the intermediate files; keep the pack records; write the manifest last."""
-    keep = {sh["file"] for s in manifest["splits"].values() for sh in s["shards"]} | {tok_file}
-    for p in list(out.glob("*.tar")) + list(out.glob("tokenizer-*.json")):
-        if p.name not in keep and re.fullmatch(r"(train|valid)-\d{6}(-\d{4})?\.tar|tokenizer-[0-9a-f]{8}\.json", p.name):
+    keep = {f for s in manifest["splits"].values() for sh in s["shards"] for f in (sh["file"], docs_name(sh["file"]))}
+    keep.add(tok_file)
+    for p in list(out.glob("*.tar")) + list(out.glob("*.docs.npy")) + list(out.glob("tokenizer-*.json")):
+        if p.name not in keep and re.fullmatch(r"(train|valid)-\d{6}(-\d{4})?\.(tar|docs\.npy)|tokenizer-[0-9a-f]{8}\.json",
+                                               p.name):
             p.unlink()  # left by an earlier run with another config
     atomic_write_json(pl.work / "dedup.json", {"fingerprint": pl.cluster_fp, "stats": manifest["dedup"]})
     packs = {record_path(pl.work, "pack", i).name for i in range(len(pl.parts))} | {"dedup.json"}

@@ -270,3 +270,41 @@ def test_loader_throughput(tmp_path):
         n += sum(int(b["tokens"].numel()) for b in ld.next_global())
     rate = n / (time.perf_counter() - t0)
     assert rate > (2e6 if os.environ.get("CI") else 5e6), f"{rate / 1e6:.1f}M tokens/s"
+
+
+def test_segment_ids_from_recorded_document_starts(tmp_path):
+    """Format v2: micro batches carry segment_ids (document index within the sample) from the
+    document-starts files; a version-1 dataset (no starts) reads as before, without the key."""
+    import torch
+
+    tok = toy_tokenizer(64)
+    rng = np.random.default_rng(3)
+    arr = rng.integers(4, 300, size=(10, L))
+    starts = [np.unique(np.concatenate([[0], rng.choice(np.arange(1, L), k, replace=False)])) for k in rng.integers(0, 4, 10)]
+    write_dataset(tmp_path / "v2", {"train": arr}, to_bytes(tok), special_ids(tok), 300, 4, starts={"train": starts})
+    ds = ShardDataset(tmp_path / "v2")
+    assert ds.has_segments and read_manifest(tmp_path / "v2")["version"] == 2 and verify_dir(tmp_path / "v2") == []
+    for i in range(10):
+        want = np.zeros(L, dtype=np.int64)
+        for s in starts[i][1:]:
+            want[s:] += 1
+        assert np.array_equal(ds.segment_ids(i), want)
+    ld = GlobalBatchLoader([ds], None, 4, 2, seed=1)
+    for mb in ld.next_global():
+        assert mb["segment_ids"].dtype == torch.int64 and mb["segment_ids"].shape == mb["tokens"].shape == (2, L)
+        for row, sid in zip(mb["tokens"], mb["segment_ids"]):
+            i = int(np.flatnonzero((arr == row.numpy()).all(1))[0])
+            assert np.array_equal(sid.numpy(), ds.segment_ids(i))
+
+    write_dataset(tmp_path / "v1", {"train": arr}, to_bytes(tok), special_ids(tok), 300, 4)
+    mf = tmp_path / "v1" / "manifest.json"
+    mf.write_text(json.dumps({**json.loads(mf.read_text()), "version": 1}))
+    old = ShardDataset(tmp_path / "v1")
+    assert not old.has_segments and np.array_equal(old.get_batch(range(10)), arr)
+    assert [sorted(mb) for mb in GlobalBatchLoader([old], None, 4, 2, seed=1).next_global()] == [
+        ["sample_ids", "tokens"]] * 2
+    with pytest.raises(MegadiffError, match="records no document starts"):
+        old.segment_ids(0)
+    (tmp_path / "v2" / "train-000001.docs.npy").unlink()
+    with pytest.raises(MegadiffError, match=r"train-000001\.docs\.npy: shard missing"):
+        ShardDataset(tmp_path / "v2")

@@ -385,3 +385,17 @@ def test_bad_partition_fails_clearly_and_keeps_the_finished_dataset(ray_up, web_
     assert {k: v for k, v in dir_bytes(out).items() if not k.startswith(WORK)} == {
         k: v for k, v in before.items() if not k.startswith(WORK)}  # the finished dataset is untouched
     assert verify_dir(out) == [] and len(ShardDataset(out)) > 0
+
+
+@pytest.mark.slow
+def test_pipeline_records_document_starts(built):
+    """Every packed sample's segment ids start a new segment right after each EOS (the pipeline
+    appends EOS to every document; the padding tail follows an EOS): an independent reference."""
+    base, r1, _ = built
+    for split in ("train", "valid"):
+        ds = ShardDataset(base / "w1", split)
+        assert ds.has_segments and ds.manifest["version"] == 2
+        for i in range(len(ds)):
+            tok = ds[i]
+            want = np.concatenate([[0], np.cumsum(tok[:-1] == ds.info.eos_id)])
+            assert np.array_equal(ds.segment_ids(i), want), (split, i)

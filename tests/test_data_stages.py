@@ -232,3 +232,31 @@ def test_atomic_writes_honour_umask(tmp_path, mask, file_mode, dir_mode):
     assert stat.S_IMODE((tmp_path / "shard.tar").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == dir_mode
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_packer_records_where_each_document_starts():
+    """Segment ids of every packed sample equal the document index of each position in the
+    concatenated stream, counted from the sample's first position (the padding tail its own segment)."""
+    from data_pipelines.pipeline import Packer
+    from megadiff.data.format import segment_ids
+
+    rng = np.random.default_rng(0)
+    L, per = 8, 3
+    lengths = rng.integers(1, 20, 40)
+    docs = [np.full(n, d + 10, dtype=np.uint16) for d, n in enumerate(lengths)]
+    out: list[tuple[np.ndarray, int, list]] = []
+    pk = Packer(L, per, "uint16", 1, lambda s, pad, st: out.append((s.copy(), pad, st)))
+    for d in docs:
+        pk.add(d)
+    pk.finish()
+    samples = np.concatenate([s for s, _, _ in out])
+    starts = [x for _, _, st in out for x in st]
+    pad = out[-1][1]
+    assert pad == (-lengths.sum()) % L and [len(s) for s, _, _ in out[:-1]] == [per] * (len(out) - 1)
+    doc_of = np.concatenate([np.repeat(np.arange(len(docs)), lengths), np.full(pad, len(docs))])
+    assert np.array_equal(samples.ravel()[: lengths.sum()], np.concatenate(docs))
+    for j, row in enumerate(doc_of.reshape(-1, L)):
+        assert np.array_equal(segment_ids(np.asarray(starts[j]), L), row - row[0])

@@ -25,7 +25,8 @@ from megadiff import MegadiffError
 from megadiff.utils.io import sha256_file
 
 FORMAT_NAME = "megadiff-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard entries may name a document-starts file (``docs``); 1 is still read
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid")
 REGEN_HINT = "re-run `megadiff data tokenize` with the same config to rewrite it"
@@ -87,6 +88,43 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def docs_name(shard_file: str) -> str:
+    """The document-starts file of a shard: ``<stem>.docs.npy`` beside it (not a tar member)."""
+    return f"{Path(shard_file).name.removesuffix('.tar')}.docs.npy"
+
+
+def docs_bytes(starts: list[np.ndarray]) -> bytes:
+    """Serialize per-sample document starts as one int32 .npy: ``[indptr (n+1), starts...]``.
+
+    ``starts[j]``: sorted positions in sample j where a segment begins, always including 0 (the first
+    segment may continue a document of the previous sample); a padding tail is a segment of its own.
+    """
+    indptr = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int32)
+    arr = np.concatenate([indptr, *[np.asarray(s, dtype=np.int32) for s in starts]]).astype(np.int32)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_docs(path: str | os.PathLike, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr [samples+1], starts) from a document-starts file; MegadiffError if it does not fit."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MegadiffError(f"{path}: unreadable document-starts file ({e}); {REGEN_HINT}") from None
+    indptr = arr[: samples + 1].astype(np.int64)
+    if arr.ndim != 1 or len(indptr) != samples + 1 or indptr[-1] != len(arr) - samples - 1:
+        raise MegadiffError(f"{path}: document-starts file does not match its shard ({samples} samples); {REGEN_HINT}")
+    return indptr, arr[samples + 1 :].astype(np.int64)
+
+
+def segment_ids(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Document index within the sample (0-based) of every position, from the segment starts."""
+    mark = np.zeros(seq_len, dtype=np.int64)
+    mark[starts[starts > 0]] = 1
+    return np.cumsum(mark)
+
+
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -122,10 +160,10 @@ def validate_manifest(m: Any, where: str | os.PathLike) -> None:
     if need(m, "format", str, "") != FORMAT_NAME:
         raise MegadiffError(f"{where}: not a megadiff manifest (format={m.get('format')!r})")
     version = need(m, "version", int, "")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise MegadiffError(
-            f"{where}: format version {version} is not supported by this megadiff (reads version "
-            f"{FORMAT_VERSION}); {REGEN_HINT} or use the megadiff release that wrote it"
+            f"{where}: format version {version} is not supported by this megadiff (reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}); {REGEN_HINT} or use the megadiff release that wrote it"
         )
     tok = need(m, "tokenizer", dict, "")
     need(tok, "file", str, "tokenizer.")
@@ -145,6 +183,9 @@ def validate_manifest(m: Any, where: str | os.PathLike) -> None:
         for i, sh in enumerate(need(sp, "shards", list, f"splits.{name}.")):
             for k, t in (("file", str), ("samples", int), ("tokens", int), ("bytes", int), ("sha256", str)):
                 need(sh, k, t, f"splits.{name}.shards[{i}].")
+            if "docs" in sh:
+                for k, t in (("file", str), ("bytes", int), ("sha256", str)):
+                    need(sh["docs"], k, t, f"splits.{name}.shards[{i}].docs.")
 
 
 def manifest_info(m: dict[str, Any], directory: str | os.PathLike) -> ManifestInfo:
@@ -202,6 +243,8 @@ def check_shard(directory: str | os.PathLike, entry: dict[str, Any], checksum: b
         return f"{f}: {f.stat().st_size} bytes but the manifest says {entry['bytes']} (truncated or overwritten)"
     if checksum and sha256_file(f) != entry["sha256"]:
         return f"{f}: sha256 differs from {Path(directory) / MANIFEST_NAME} (corrupt or changed)"
+    if "docs" in entry:
+        return check_shard(directory, entry["docs"], checksum)
     return None
 
 
@@ -277,8 +320,12 @@ def write_dataset(
     vocab_size: int,
     samples_per_shard: int = 1024,
     config: dict[str, Any] | None = None,
+    starts: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Write a dataset directory from already packed samples ({split: [n, seq_len]}); returns the manifest.
+
+    ``starts`` ({split: per-sample document starts, see docs_bytes}) also writes the document-starts
+    files, so the loader's micro batches carry ``segment_ids``.
 
     The Ray pipeline streams its shards itself; this helper makes small datasets for tests and tools
     (same layout, same bytes for the same samples).
@@ -302,8 +349,11 @@ def write_dataset(
             chunk = arr[a : a + samples_per_shard].astype(dtype)
             name = shard_name(split, k)
             data = shard_bytes(name, chunk)
+            docs = docs_bytes(starts[split][a : a + samples_per_shard]) if starts and split in starts else None
+            if docs is not None:
+                atomic_write_bytes(out / docs_name(name), docs)
             atomic_write_bytes(out / name, data)
-            shards.append(shard_entry(name, data, len(chunk), int(chunk.size)))
+            shards.append(shard_entry(name, data, len(chunk), int(chunk.size), docs))
         splits[split] = {"samples": len(arr), "tokens": int(arr.size), "pad_tokens": 0, "documents": 0,
                          "shards": shards}
     manifest = build_manifest({"file": tok_file, "sha256": sha256_bytes(tokenizer_json), "kind": "file"},
@@ -312,11 +362,16 @@ def write_dataset(
     return manifest
 
 
-def shard_entry(name: str, data: bytes, samples: int, tokens: int) -> dict[str, Any]:
-    """A manifest shard entry for the serialized shard ``data`` written as ``name``."""
+def shard_entry(name: str, data: bytes, samples: int, tokens: int, docs: bytes | None = None) -> dict[str, Any]:
+    """A manifest shard entry for the serialized shard ``data`` written as ``name`` (and its
+    document-starts file ``docs``, written as ``docs_name(name)``)."""
     from megadiff.utils.io import sha256_bytes
 
-    return {"file": name, "samples": samples, "tokens": tokens, "bytes": len(data), "sha256": sha256_bytes(data)}
+    entry: dict[str, Any] = {"file": name, "samples": samples, "tokens": tokens, "bytes": len(data),
+                             "sha256": sha256_bytes(data)}
+    if docs is not None:
+        entry["docs"] = {"file": docs_name(name), "bytes": len(docs), "sha256": sha256_bytes(docs)}
+    return entry
 
 
 def build_manifest(tokenizer: dict[str, str], vocab_size: int, special_ids: dict[str, int], seq_len: int,

@@ -9,7 +9,9 @@ of ``global_batch``, largest-remainder rounding), its ``c``-th sample is
 ``perm(seed, d, epoch)[c mod len]`` with ``c = s*k_d + j`` and ``epoch = c // len``, and the
 ``G`` rows are put in the order of ``permutation(seed, s)``. Rank ``r`` of ``dp`` takes rows
 ``[r*G/dp, (r+1)*G/dp)`` and cuts them into micro batches. The state is ``{"global_step": s}``;
-resuming from it, with any DP size, continues with exactly global batch ``s``.
+resuming from it, with any DP size, continues with exactly global batch ``s``. Micro batches are
+``{"tokens", "sample_ids"}``, plus ``"segment_ids"`` (int64 [micro_batch, seq_len], the document index
+within each sample, 0-based) when every dataset records its document starts (format version 2).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from megadiff.data.format import (
     index_shard,
     manifest_info,
     npy_header,
+    read_docs,
     read_manifest,
     sample_key,
+    segment_ids,
 )
 
 __all__ = ["ShardDataset", "GlobalBatchLoader", "ManifestInfo", "check_compat"]
@@ -82,6 +86,7 @@ class ShardDataset:
         self._hlen = len(self._header)
         self._nbytes = self.seq_len * self.dtype.itemsize
         self._offsets: dict[int, np.ndarray] = {}
+        self._docs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._maps: collections.OrderedDict[int, tuple[mmap.mmap, int]] = collections.OrderedDict()
 
     @property
@@ -93,6 +98,10 @@ class ShardDataset:
         return int(self.cum[-1])
 
     def __getitem__(self, i: int) -> np.ndarray:
+        return self.read(i)[1]
+
+    def read(self, i: int) -> tuple[int, np.ndarray]:
+        """(index of the sample actually read, its tokens): ``i``, or with skip_corrupt the next readable one."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for {len(self)} samples in {self.path} [{self.split}]")
@@ -100,8 +109,27 @@ class ShardDataset:
         for attempt in range(n):
             arr = self._read((i + attempt) % n)
             if arr is not None:
-                return arr
+                return (i + attempt) % n, arr
         raise MegadiffError(f"{self.path} [{self.split}]: no readable sample at all; {_REWRITE}")
+
+    @property
+    def has_segments(self) -> bool:
+        """Whether every shard records where its samples' documents start (format version >= 2)."""
+        return all("docs" in sh for sh in self.shards)
+
+    def segment_ids(self, i: int) -> np.ndarray:
+        """int64 [seq_len]: document index within sample ``i`` (0-based) at every position."""
+        if not self.has_segments:
+            raise MegadiffError(f"{self.path} [{self.split}] records no document starts (written by an older "
+                                f"megadiff); re-run `megadiff data tokenize` to add them")
+        k = int(np.searchsorted(self.cum, i % len(self), side="right")) - 1
+        if k not in self._docs:
+            if len(self._docs) >= self.MAX_OPEN:
+                self._docs.pop(next(iter(self._docs)))
+            self._docs[k] = read_docs(self.path / self.shards[k]["docs"]["file"], self.shards[k]["samples"])
+        indptr, starts = self._docs[k]
+        j = i % len(self) - int(self.cum[k])
+        return segment_ids(starts[indptr[j] : indptr[j + 1]], self.seq_len)
 
     def _read(self, i: int) -> np.ndarray | None:
         if i in self._bad:
@@ -245,15 +273,26 @@ class GlobalBatchLoader:
         lo = self.dp_rank * per_rank
         rows = self.global_rows(s)[lo : lo + per_rank]
         tokens = np.empty((per_rank, self.info.seq_len), dtype=np.int64)
+        segs = np.empty_like(tokens) if self.has_segments else None
         for r, (d, i) in enumerate(rows):
-            tokens[r] = self.datasets[d][i]
+            j, tokens[r] = self.datasets[d].read(i)
+            if segs is not None:
+                segs[r] = self.datasets[d].segment_ids(j)
         ids = np.arange(s * G + lo, s * G + lo + per_rank, dtype=np.int64)
         self.global_step += 1
         mb = self.micro_batch
-        return [
-            {"tokens": torch.from_numpy(tokens[a : a + mb]), "sample_ids": torch.from_numpy(ids[a : a + mb])}
-            for a in range(0, per_rank, mb)
-        ]
+        out = []
+        for a in range(0, per_rank, mb):
+            batch = {"tokens": torch.from_numpy(tokens[a : a + mb]), "sample_ids": torch.from_numpy(ids[a : a + mb])}
+            if segs is not None:
+                batch["segment_ids"] = torch.from_numpy(segs[a : a + mb])
+            out.append(batch)
+        return out
+
+    @property
+    def has_segments(self) -> bool:
+        """Micro batches carry ``segment_ids`` when every dataset records its document starts."""
+        return all(ds.has_segments for ds in self.datasets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
