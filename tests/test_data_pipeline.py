@@ -299,14 +299,14 @@ def test_webdataset_reads_the_shards_as_the_loader_does(built):
     base, r1, _ = built
     d = base / "w1"
     m = r1.manifest
-    for split in ("train", "valid"):
-        files = [sh["file"] for sh in m["splits"][split]["shards"]]
-        got = list(wds.WebDataset([str(d / f) for f in files], shardshuffle=False).decode())
+    for split, n in (("train", 3), ("valid", None)):  # the first 3 train shards (two partitions), all of valid
+        shards = m["splits"][split]["shards"][:n]
+        got = list(wds.WebDataset([str(d / sh["file"]) for sh in shards], shardshuffle=False).decode())
         ds = ShardDataset(d, split)
-        want_keys = [sample_key(f, j) for f, sh in zip(files, m["splits"][split]["shards"]) for j in range(sh["samples"])]
-        assert [s["__key__"] for s in got] == want_keys and len(got) == len(ds) > 0
+        want_keys = [sample_key(sh["file"], j) for sh in shards for j in range(sh["samples"])]
+        assert [s["__key__"] for s in got] == want_keys and len(got) > 0
         assert {s["npy"].dtype.name for s in got} == {m["dtype"]} and got[0]["npy"].shape == (m["seq_len"],)
-        assert np.array_equal(np.stack([s["npy"] for s in got]).astype(np.int64), ds.get_batch(range(len(ds))))
+        assert np.array_equal(np.stack([s["npy"] for s in got]).astype(np.int64), ds.get_batch(range(len(got))))
 
 
 def _words(rng: np.random.Generator, n: int) -> str:
