@@ -90,7 +90,7 @@ class Partition:
     """A unit of work: a whole file, a range of parquet row groups, or a byte range of a jsonl file.
 
     ``start``/``stop``: row groups [start, stop) for parquet, bytes [start, stop) for uncompressed
-    jsonl (the lines that *start* in the range), 0/-1 (whole file) otherwise. ``size``/``mtime`` of
+    jsonl (the lines that *start* in the range), 0/-1 (whole file) otherwise. ``size``/``stamp`` of
     the file are part of the identity, so a changed input is never taken as already processed.
     """
 
@@ -100,7 +100,7 @@ class Partition:
     start: int
     stop: int
     size: int
-    mtime: int
+    stamp: str  # modification time (or ETag) of the file
 
     def label(self) -> str:
         unit = {"parquet": "row groups", "jsonl": "bytes"}.get(self.fmt, "")
@@ -118,16 +118,16 @@ def _open(path: str) -> IO[bytes]:
     return open(path.removeprefix("file://"), "rb")
 
 
-def _stat(path: str) -> tuple[int, int]:
+def _stat(path: str) -> tuple[int, str]:
     try:
         if _is_url(path):
             import fsspec
 
             fs, _, (p,) = fsspec.core.get_fs_token_paths(path)
             info = fs.info(p)
-            return int(info.get("size") or 0), int(float(info.get("mtime") or info.get("created") or 0))
+            return int(info.get("size") or 0), str(info.get("mtime") or info.get("created") or info.get("ETag") or "")
         st = os.stat(path.removeprefix("file://"))
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, str(st.st_mtime_ns)
     except OSError as e:
         raise MegadiffError(f"source file {path}: cannot read it ({e.strerror or e})") from None
 
@@ -135,7 +135,7 @@ def _stat(path: str) -> tuple[int, int]:
 def plan_partitions(source: int, path: str, fmt: str, partition_bytes: int) -> list[Partition]:
     """Cut one input file into partitions of about ``partition_bytes`` (reads at most a parquet footer)."""
     fmt = file_format(path, fmt)
-    size, mtime = _stat(path)
+    size, stamp = _stat(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -148,13 +148,13 @@ def plan_partitions(source: int, path: str, fmt: str, partition_bytes: int) -> l
         for g in range(meta.num_row_groups):
             acc += meta.row_group(g).total_byte_size
             if acc >= partition_bytes or g == meta.num_row_groups - 1:
-                parts.append(Partition(source, path, fmt, start, g + 1, size, mtime))
+                parts.append(Partition(source, path, fmt, start, g + 1, size, stamp))
                 start, acc = g + 1, 0
-        return parts or [Partition(source, path, fmt, 0, 0, size, mtime)]
+        return parts or [Partition(source, path, fmt, 0, 0, size, stamp)]
     if fmt == "jsonl" and not path.endswith((".gz", ".zst")) and size > partition_bytes:
         cuts = list(range(0, size, partition_bytes)) + [size]
-        return [Partition(source, path, fmt, a, b, size, mtime) for a, b in zip(cuts, cuts[1:])]
-    return [Partition(source, path, fmt, 0, -1, size, mtime)]
+        return [Partition(source, path, fmt, a, b, size, stamp) for a, b in zip(cuts, cuts[1:])]
+    return [Partition(source, path, fmt, 0, -1, size, stamp)]
 
 
 # ----------------------------------------------------------------------------- readers

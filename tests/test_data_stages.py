@@ -260,3 +260,22 @@ def test_packer_records_where_each_document_starts():
     assert np.array_equal(samples.ravel()[: lengths.sum()], np.concatenate(docs))
     for j, row in enumerate(doc_of.reshape(-1, L)):
         assert np.array_equal(segment_ids(np.asarray(starts[j]), L), row - row[0])
+
+
+def test_fsspec_urls_and_globs(tmp_path):
+    """fsspec URLs (memory://, file://) resolve by glob and read in byte ranges like local files."""
+    import fsspec
+
+    from data_pipelines.sources import resolve_paths
+
+    texts = [f"remote doc {i}\u2029end" for i in range(60)]
+    data = write_jsonl(tmp_path / "r.jsonl", texts).read_bytes()
+    with fsspec.open("memory://bucket/part-0.jsonl", "wb") as f:
+        f.write(data)
+    with fsspec.open("memory://bucket/part-1.jsonl", "wb") as f:
+        f.write(data[: data.index(b"\n") + 1])
+    paths = resolve_paths(["memory://bucket/part-*.jsonl"])
+    assert paths == ["memory:///bucket/part-0.jsonl", "memory:///bucket/part-1.jsonl"]
+    parts = plan_partitions(0, paths[0], "auto", 500)
+    assert len(parts) > 2 and [d for p in parts for d in read_partition(p, "text", "file")] == texts
+    assert resolve_paths([f"file://{tmp_path}/*.jsonl"]) == [str(tmp_path / "r.jsonl")]
