@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.cli import main as data_main
-from data_pipelines.pipeline import WORK, _chunks, run_pipeline
+from data_pipelines.pipeline import WORK, run_pipeline
 from data_pipelines.sources import normalize, read_documents, resolve_paths
+from data_pipelines.stages import _chunks
 from megadiff import MegadiffError
 from megadiff.config import load_config
 from megadiff.data.format import MANIFEST_NAME, read_manifest, verify_dir

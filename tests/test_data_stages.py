@@ -17,8 +17,8 @@ import pytest
 
 from data_pipelines import dedup
 from data_pipelines.filters import FILTERS, apply_filters, build_filters
-from data_pipelines.pipeline import scan_partition
 from data_pipelines.sources import plan_partitions, read_documents, read_partition
+from data_pipelines.stages import scan_partition
 from megadiff import MegadiffError
 from megadiff.data.tokenizer import to_bytes, toy_tokenizer
 from megadiff.utils.io import atomic_output_dir, atomic_write_bytes, sha256_bytes
@@ -240,7 +240,7 @@ def test_atomic_writes_honour_umask(tmp_path, mask, file_mode, dir_mode):
 def test_packer_records_where_each_document_starts():
     """Segment ids of every packed sample equal the document index of each position in the
     concatenated stream, counted from the sample's first position (the padding tail its own segment)."""
-    from data_pipelines.pipeline import Packer
+    from data_pipelines.stages import Packer
     from megadiff.data.format import segment_ids
 
     rng = np.random.default_rng(0)

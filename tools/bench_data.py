@@ -138,8 +138,8 @@ def main() -> None:
         child(*args.child)
         return
 
-    from data_pipelines.pipeline import _chunks
     from data_pipelines.sources import normalize, read_documents
+    from data_pipelines.stages import _chunks
     from data_pipelines.tokenizer import build_tokenizer
     from megadiff.config import load_config
     from megadiff.data.loader import GlobalBatchLoader, ShardDataset
