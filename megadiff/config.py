@@ -105,6 +105,12 @@ class DiffusionConfig:
     antithetic: bool = True  # low-discrepancy time sampling across the global batch
     random_length_prob: float = 0.0  # LLaDA: with this probability crop the batch to a random length
     seed: int = 0  # corruption noise is a function of (seed, step, global sample index)
+    # objective options (each acts only with the objectives whose catalogue traits list it; see docs/diffusion.md)
+    shift: bool = False  # mdlm_adapt: position i predicts token i+1 (AR output alignment, DiffuLLaMA/Dream)
+    complementary: bool = False  # mdlm_adapt, ar_mdlm: each sequence trained with a mask and its complement
+    ar_weight: float = 1.0  # ar_mdlm: weight of the next-token loss
+    diffusion_weight: float = 0.3  # ar_mdlm: weight of the shifted masked-diffusion loss
+    uniform_fraction: float = 0.1  # gidd: share of uniform-token (vs [MASK]) corruption; 1 = uniform diffusion
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -299,6 +305,27 @@ def validate(cfg: Any) -> None:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise MegadiffError(f"config key 'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}")
+    _validate_objective_options(cfg)
+
+
+def _validate_objective_options(cfg: Any) -> None:
+    """diffusion.* objective options: set only with an objective that reads them (its traits' ``options``)."""
+    d, tr = cfg.diffusion, OBJECTIVES.traits(cfg.diffusion.objective)
+    defaults = DiffusionConfig()
+    for key in ("shift", "complementary", "ar_weight", "diffusion_weight", "uniform_fraction"):
+        if d[key] != getattr(defaults, key) and key not in tr.options:
+            users = [n for n in OBJECTIVES.names() if key in OBJECTIVES.traits(n).options]
+            raise MegadiffError(f"config key 'diffusion.{key}' acts only with diffusion.objective in "
+                                f"{', '.join(users)} (it is {d.objective!r}); remove it or change the objective")
+    if d.ar_weight < 0 or d.diffusion_weight < 0 or d.ar_weight + d.diffusion_weight <= 0:
+        raise MegadiffError(f"config keys 'diffusion.ar_weight/diffusion_weight' are {d.ar_weight}/"
+                            f"{d.diffusion_weight}; both must be >= 0 and not both 0 (e.g. 1.0 and 0.3)")
+    if not 0.0 <= d.uniform_fraction <= 1.0:
+        raise MegadiffError(f"config key 'diffusion.uniform_fraction' must be in [0, 1], got {d.uniform_fraction}")
+    if tr.stacks_rows and cfg.parallel.pp > 1:
+        raise MegadiffError(f"diffusion.objective={d.objective} stacks several inputs per sample along the batch, "
+                            f"which pipeline parallelism (parallel.pp={cfg.parallel.pp}) does not size for yet; "
+                            f"use parallel.pp=1")
 
 
 def check_batch_layout(cfg: Any, dp: int) -> int:

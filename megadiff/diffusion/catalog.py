@@ -22,6 +22,8 @@ class ObjectiveTraits:
     val_metric: str = "nelbo"  # validation metric name: nelbo (a bound on the NLL) | nll (exact)
     val_is_bound: bool = True  # the validation value upper-bounds the NLL (printed as "ppl <=")
     train_loss_is_val_metric: bool = True  # its training loss estimates the validation metric itself
+    options: tuple = ()  # the diffusion.* config keys (beyond the common ones) this objective reads
+    stacks_rows: bool = False  # prepare may stack several inputs per sample along the batch (2x/3x rows)
 
 
 OBJECTIVES: Registry = Registry("objective")
@@ -32,6 +34,16 @@ OBJECTIVES.declare("llada", "megadiff.diffusion.objectives", ObjectiveTraits(
 OBJECTIVES.declare("ar", "megadiff.diffusion.objectives", ObjectiveTraits(
     "autoregressive (next token)", is_autoregressive=True, needs_causal_mask=True, val_metric="nll",
     val_is_bound=False))
+OBJECTIVES.declare("mdlm_adapt", "megadiff.diffusion.hybrid", ObjectiveTraits(
+    "masked diffusion (MDLM NELBO) with AR-adaptation options: shift (position i predicts i+1), "
+    "complementary masks", options=("shift", "complementary"), stacks_rows=True))
+OBJECTIVES.declare("ar_mdlm", "megadiff.diffusion.hybrid", ObjectiveTraits(
+    "joint autoregressive + shifted masked-diffusion loss (causal model)", is_autoregressive=True,
+    needs_causal_mask=True, val_metric="nll", val_is_bound=False, train_loss_is_val_metric=False,
+    options=("ar_weight", "diffusion_weight", "complementary"), stacks_rows=True))
+OBJECTIVES.declare("gidd", "megadiff.diffusion.uniform", ObjectiveTraits(
+    "interpolating mask + uniform noise (GIDD; uniform_fraction=1: uniform diffusion), continuous-time NELBO",
+    options=("uniform_fraction",)))
 
 
 @dataclass(frozen=True)
