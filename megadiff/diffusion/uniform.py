@@ -12,8 +12,10 @@ rates through qhat_t(v) = alpha xhat(v) + (1 - alpha) pi_v, and the continuous-t
     S = sum_{y != z} [ rhat_y - r_y + r_y log(r_y / rhat_y) ],  r_y = q_t(y|x)/q_t(z|x), rhat_y = qhat_t(y)/qhat_t(z)
 
 (the generalised KL between the true-conditional and the model reverse rates out of z). With f = 0 it
-reduces to MDLM's -alpha'/(1 - alpha) * CE on the masked tokens. ``loss`` evaluates S in closed form
-(one O(V) reduction per position: sum_{y != MASK} log qhat(y)); per-position algebra in float64.
+reduces to MDLM's -alpha'/(1 - alpha) * CE on the masked tokens. ``loss`` evaluates S in closed form (one
+O(V) float32 reduction per position, per-position algebra in float64), arranged so that its first-order
+terms cancel analytically: S = O(rho^2) as alpha -> 0 (rho = alpha/(1-alpha)) while beta ~ 1/alpha, and a
+float32 difference of O(rho) terms would be off by percents there (see ``interpolating_nelbo_terms``).
 
 Uniform replacements come from the same counter-based noise as the masks: position l of sample b is
 corrupted iff u < 1 - alpha(t); it becomes [MASK] iff u < (1 - alpha)(1 - f), otherwise the token whose
@@ -62,45 +64,59 @@ def corrupt_interpolating(x0: torch.Tensor, noise: Noise, schedule: Schedule, ma
     return torch.where(to_mask, torch.full_like(x0, mask_id), z), corrupted
 
 
-def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x * torch.log(y.clamp_min(1e-300)), torch.zeros_like(x))
+def _h(w: torch.Tensor) -> torch.Tensor:
+    """log1p(w) - w without cancellation for small |w| (series below 0.1; w > -1)."""
+    series = w * w * (-0.5 + w * (1.0 / 3.0 + w * (-0.25 + w * 0.2)))
+    return torch.where(w.abs() < 0.1, series, torch.log1p(w) - w)
 
 
 def interpolating_nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor,
                               beta: torch.Tensor, mask_id: int, vocab_size: int,
                               uniform_fraction: float) -> torch.Tensor:
-    """[B, L] float64: beta * pi_z * S at each position (module docstring); alpha, beta: [B] float64."""
+    """[B, L] float64: beta * pi_z * S at each position (module docstring); alpha, beta: [B] float64.
+
+    S is evaluated in a form whose first-order terms cancel analytically (docs/diffusion.md): with
+    rho = alpha/(1-alpha), pi_u = f/N, v = rho/pi_u, w_y = v xhat(y) and h(w) = log1p(w) - w,
+      Q = sum_{y != MASK} h(w_y) - h(v) - v log1p(d_x),  d_y = ([y = x] v - w_y) / (1 + w_y),
+      S = -[(1 + rho) h(d_z) + pi_u Q] / (pi_u (1 + [z = x] v))   (z a real token),
+      S = -pi_u Q / (1 - f)                                          (z = MASK),
+    so S = O(rho^2) as alpha -> 0 is not computed as a difference of O(rho) terms. When v >= 1 the
+    vocabulary sum uses sum log1p(w_y) - log1p(v) (the same quantity; no O(v) cancellation).
+    """
     f, N = float(uniform_fraction), vocab_size - 1
     a = alpha.to(torch.float64)[:, None]
-    b = 1.0 - a
-    c = b * (f / N)  # q_t(y | x) of each non-mask y != x
+    rho = a / (1.0 - a).clamp_min(1e-300)
     lg = restrict_logits(logits, vocab_size, mask_id)  # float32, mask column -inf
     logx = torch.log_softmax(lg, dim=-1)
-    log_a = torch.log(a.clamp_min(1e-300)).to(logx.dtype)[..., None]
-    log_c = torch.log(c.clamp_min(1e-300)).to(logx.dtype)[..., None] if f > 0 else None
-    log_qh = logx + log_a if log_c is None else torch.logaddexp(logx + log_a, log_c)  # log qhat(y), y != mask
+    zm = z == mask_id
+    lx_x = logx.gather(-1, x0.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    if f == 0.0:  # absorbing: only z = MASK moves (pi_MASK = 1): S = -rho log xhat(x)
+        S = -rho * lx_x
+        return torch.where(zm, beta.to(torch.float64)[:, None] * S, torch.zeros_like(S))
+    pi_u = f / N
+    v = rho / pi_u  # [B, 1] float64
+    small = v < 1.0
+    w = torch.exp(torch.log(v).to(logx.dtype)[..., None] + logx)  # [B, L, V] float32 (0 at the mask column)
+    terms = torch.where(small[..., None], _h(w), torch.log1p(w))
     not_mask = torch.ones(vocab_size, dtype=torch.bool, device=lg.device)
     not_mask[mask_id] = False
-    sum_nm = torch.where(not_mask, log_qh, torch.zeros_like(log_qh)).sum(-1).to(torch.float64)
-    log_qh_x = log_qh.gather(-1, x0.unsqueeze(-1)).squeeze(-1).to(torch.float64)
-    zm = z == mask_id
-    log_qh_m = torch.log((b * (1.0 - f)).clamp_min(1e-300)).expand_as(sum_nm)
-    log_qh_z = torch.where(zm, log_qh_m,
-                           log_qh.gather(-1, z.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1).to(torch.float64))
-    qh_z = log_qh_z.exp()
-    qx, qm = a + c, b * (1.0 - f)
-    pi_z = torch.where(zm, torch.full_like(sum_nm, 1.0 - f), torch.full_like(sum_nm, f / N))
-    qz = torch.where(z == x0, a, torch.zeros_like(a)) + b * pi_z
-    ent = _xlogy(qx, qx) + _xlogy(qm, qm) + (N - 1) * _xlogy(c, c)  # sum_y q log q
-    cross = torch.where(c > 0, c * sum_nm, torch.zeros_like(sum_nm)) + a * log_qh_x \
-        + torch.where(qm > 0, qm * log_qh_m, torch.zeros_like(sum_nm))  # sum_y q log qhat
-    qz_safe = qz.clamp_min(1e-300)
-    log_qz = torch.log(qz_safe)
-    r_log_r = (ent - qz * log_qz) / qz_safe - (1.0 / qz_safe - 1.0) * log_qz
-    r_log_rh = (cross - qz * log_qh_z) / qz_safe - (1.0 / qz_safe - 1.0) * log_qh_z
-    S = (1.0 / qh_z.clamp_min(1e-300) - 1.0) - (1.0 / qz_safe - 1.0) + r_log_r - r_log_rh
-    live = (pi_z > 0) & (qz > 0)
-    return torch.where(live, beta.to(torch.float64)[:, None] * pi_z * S, torch.zeros_like(S))
+    T = torch.where(not_mask, terms, torch.zeros_like(terms)).sum(-1).to(torch.float64)
+    w_x = v * lx_x.exp()
+    d_x = (v - w_x) / (1.0 + w_x)
+    Q = T - torch.where(small, _h(v), torch.log1p(v)) - v * torch.log1p(d_x)
+    lx_z = logx.gather(-1, z.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    is_x = (z == x0).to(torch.float64)
+    w_z = v * lx_z.exp()
+    d_z = (is_x * v - w_z) / (1.0 + w_z)
+    log1p_dz = torch.where(is_x > 0, torch.log1p(d_z), -torch.log1p(w_z))  # z != x: 1 + d_z = 1 / (1 + w_z)
+    h_dz = torch.where(d_z.abs() < 0.1, _h(d_z), log1p_dz - d_z)
+    S_real = -((1.0 + rho) * h_dz + pi_u * Q) / (pi_u * (1.0 + is_x * v))
+    if f < 1.0:
+        S = torch.where(zm, -pi_u * Q / (1.0 - f), S_real)
+        pi_z = torch.where(zm, torch.full_like(S, 1.0 - f), torch.full_like(S, pi_u))
+    else:
+        S, pi_z = S_real, torch.full_like(S_real, pi_u)
+    return beta.to(torch.float64)[:, None] * pi_z * S
 
 
 @OBJECTIVES.register("gidd")
