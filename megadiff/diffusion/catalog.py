@@ -24,6 +24,7 @@ class ObjectiveTraits:
     train_loss_is_val_metric: bool = True  # its training loss estimates the validation metric itself
     options: tuple = ()  # the diffusion.* config keys (beyond the common ones) this objective reads
     stacks_rows: bool = False  # prepare may stack several inputs per sample along the batch (2x/3x rows)
+    absorbing: bool = True  # [MASK]-only forward process: the SAMPLERS and elbo.evaluate_nelbo apply to it
 
 
 OBJECTIVES: Registry = Registry("objective")
@@ -43,7 +44,7 @@ OBJECTIVES.declare("ar_mdlm", "megadiff.diffusion.hybrid", ObjectiveTraits(
     options=("ar_weight", "diffusion_weight", "complementary"), stacks_rows=True))
 OBJECTIVES.declare("gidd", "megadiff.diffusion.uniform", ObjectiveTraits(
     "interpolating mask + uniform noise (GIDD; uniform_fraction=1: uniform diffusion), continuous-time NELBO",
-    options=("uniform_fraction",)))
+    options=("uniform_fraction",), absorbing=False))
 
 
 @dataclass(frozen=True)
