@@ -67,6 +67,7 @@ class DataConfig:
     valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]
     shuffle_seed: int = 1234
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    document_mask: bool = False  # attention stays inside each packed document (shards must record doc starts)
 
 
 # ----------------------------------------------------------------------------- model
@@ -84,7 +85,8 @@ class ModelConfig:
     max_seq_len: int = 512
     vocab_size: Optional[int] = None  # real vocab incl. [MASK]; None = read from the data manifest
     tie_embeddings: bool = True
-    attention_backend: str = "auto"  # auto | sdpa | flash | te
+    attention_backend: str = "auto"  # auto | sdpa | flex | flash | te (masks: sdpa, flex)
+    reset_position_ids: bool = False  # positions restart at 0 in every packed document (needs data.document_mask)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -96,7 +98,10 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token)
+    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token) | bd3lm
+    block_size: int = 0  # bd3lm: tokens per block (must divide the sequence length); 0 for other objectives
+    mask_rate_min: float = 0.0  # bd3lm clipped schedule: per-block mask rates ~ U[min, max] in training
+    mask_rate_max: float = 1.0
     schedule: str = "loglinear"  # loglinear | linear | cosine | poly
     schedule_power: float = 1.0  # exponent of the poly schedule
     eps: float = 1e-3  # t ~ U(eps, 1)
@@ -194,8 +199,8 @@ class MegadiffConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer.kind": ("bpe", "gpt2", "file"),
     "model.arch": ("llama", "gpt2"),
-    "model.attention_backend": ("auto", "sdpa", "flash", "te"),
-    "diffusion.objective": ("mdlm", "llada", "ar"),
+    "model.attention_backend": ("auto", "sdpa", "flex", "flash", "te"),
+    "diffusion.objective": ("mdlm", "llada", "ar", "bd3lm"),
     "diffusion.schedule": ("loglinear", "linear", "cosine", "poly"),
     "optim.lr_schedule": ("cosine", "wsd", "constant"),
     "parallel.backend": ("auto", "nccl", "gloo"),
@@ -288,6 +293,28 @@ def validate(cfg: Any) -> None:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise MegadiffError(f"config key 'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}")
+    _validate_blocks(cfg)
+
+
+def _validate_blocks(cfg: Any) -> None:
+    """Block-diffusion and document-mask keys: set only where they act, consistent with each other."""
+    d = cfg.diffusion
+    if d.objective == "bd3lm":
+        if d.block_size <= 0 or cfg.data.seq_len % d.block_size:
+            raise MegadiffError(f"config key 'diffusion.block_size' is {d.block_size}; diffusion.objective=bd3lm "
+                                f"needs a block size > 0 that divides data.seq_len={cfg.data.seq_len} (e.g. 16)")
+        if d.random_length_prob > 0:
+            raise MegadiffError("config key 'diffusion.random_length_prob' must be 0 with diffusion.objective=bd3lm "
+                                "(a random crop would break the block grid)")
+        if not 0.0 <= d.mask_rate_min < d.mask_rate_max <= 1.0:
+            raise MegadiffError(f"config keys 'diffusion.mask_rate_min/max' are [{d.mask_rate_min}, "
+                                f"{d.mask_rate_max}]; need 0 <= min < max <= 1")
+    elif d.block_size != 0 or d.mask_rate_min != 0.0 or d.mask_rate_max != 1.0:
+        raise MegadiffError(f"config keys 'diffusion.block_size/mask_rate_min/mask_rate_max' act only with "
+                            f"diffusion.objective=bd3lm (it is {d.objective!r}); remove them")
+    if cfg.model.reset_position_ids and not cfg.data.document_mask:
+        raise MegadiffError("config key 'model.reset_position_ids' is true but data.document_mask is false; "
+                            "positions restart per document only with document masks: set data.document_mask=true")
 
 
 def check_batch_layout(cfg: Any, dp: int) -> int:

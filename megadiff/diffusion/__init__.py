@@ -3,6 +3,7 @@
 No distributed code and no megatron imports (see docs/diffusion.md and docs/architecture.md, Contract 2).
 """
 
+from megadiff.diffusion import block as _block  # noqa: F401  (registers the bd3lm objective)
 from megadiff.diffusion.elbo import evaluate_nelbo
 from megadiff.diffusion.noise import Noise, corrupt, make_noise, random_length
 from megadiff.diffusion.objectives import OBJECTIVES, LossOut, Objective, make_objective

@@ -71,7 +71,8 @@ class Trainer:
         # megatron marks the embedding/output shards allow_shape_mismatch (rows beyond the vocab are unused)
         built = build_model(cfg.model, self.info.vocab_size, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
+                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel,
+                            masked=bool(cfg.data.document_mask or cfg.diffusion.block_size))
         self.built = built
         tconf = built.config
         tconf.calculate_per_token_loss = True
@@ -85,7 +86,8 @@ class Trainer:
         # objective
         self.schedule = make_schedule(cfg.diffusion)
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
-        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed)
+        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
+                              document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids)
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=cfg.model.causal)
@@ -218,7 +220,9 @@ class Trainer:
         loader = GlobalBatchLoader(self.valid, None, gb, tc.micro_batch, self.ctx.dp_rank, self.ctx.dp, seed=0)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        sc = StepContext(self.objective, self.cfg.diffusion, gb, noise_seed=10_000 + self.cfg.diffusion.seed)
+        objective = getattr(self.objective, "for_eval", lambda: self.objective)()  # bd3lm: unclipped NELBO
+        sc = StepContext(objective, self.cfg.diffusion, gb, noise_seed=10_000 + self.cfg.diffusion.seed,
+                         document_mask=self.sc.document_mask, reset_position_ids=self.sc.reset_position_ids)
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
