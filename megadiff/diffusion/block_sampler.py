@@ -48,6 +48,7 @@ class BlockSampleOut:
     tokens: torch.Tensor  # [B, P + gen_length] (prompt, generated tokens, pad after EOS)
     nfe: int  # network calls (commit calls included)
     calls: list = field(default_factory=list)  # (query tokens, key tokens) per call, for FLOP accounting
+    row_calls: Optional[torch.Tensor] = None  # [B] denoising calls in which the row still had masked tokens
 
 
 def _uniforms(seed: int, row_seeds: torch.Tensor, stream: int, block: int, call: int, n: int) -> torch.Tensor:
@@ -113,8 +114,10 @@ def block_diffusion_sample(denoiser: Denoiser, prompt: torch.Tensor, gen_length:
     if P:
         net.commit(x, 0, P)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    row_calls = torch.zeros(B, dtype=torch.int64, device=dev)
     for blk, start in enumerate(range(P, P + gen_length, block_size)):
-        _denoise_block(net, x, start, block_size, blk, steps, threshold, mask_id, vocab_size, temperature, seed, rs)
+        _denoise_block(net, x, start, block_size, blk, steps, threshold, mask_id, vocab_size, temperature, seed, rs,
+                       row_calls)
         if eos_id is not None:
             gen = x[:, P:start + block_size]
             is_eos = gen == eos_id
@@ -129,17 +132,18 @@ def block_diffusion_sample(denoiser: Denoiser, prompt: torch.Tensor, gen_length:
         first = torch.where(is_eos.any(-1), is_eos.to(torch.int8).argmax(-1), gen.shape[1])
         after = torch.arange(gen.shape[1], device=dev)[None, :] > first[:, None]
         gen[after] = eos_id if pad_id is None else pad_id
-    return BlockSampleOut(x, net.nfe, net.calls)
+    return BlockSampleOut(x, net.nfe, net.calls, row_calls)
 
 
 def _denoise_block(net: _Net, x: torch.Tensor, start: int, n: int, blk: int, steps: int,
                    threshold: Optional[float], mask_id: int, vocab_size: int, temperature: float, seed: int,
-                   rs: torch.Tensor) -> None:
+                   rs: torch.Tensor, row_calls: torch.Tensor) -> None:
     cols = slice(start, start + n)
     call = 0
     while bool((x[:, cols] == mask_id).any()):
         masked = x[:, cols] == mask_id  # [B, n]
         logits = net.block_logits(x, start, n)
+        row_calls += masked.any(-1)
         logp = sampling_logprobs(logits, mask_id, vocab_size, temperature)  # [B, n, V]
         tok = _inverse_cdf(logp, _uniforms(seed, rs, _S_TOKEN, blk, call, n))
         if threshold is None:
