@@ -181,3 +181,25 @@ def test_masked_runs_refuse_backends_without_masks():
     assert resolve_backend("auto", "cpu", masked=True) == "sdpa"
     with pytest.raises(MegadiffError, match="flex"):
         resolve_backend("flash", "cuda", masked=True)
+
+
+@pytest.mark.slow
+def test_masks_at_tp2_and_pp2(tmp_path):
+    """BD3-LM over packed documents through the real train step: TP=2 and PP=2 equal TP=1 (2 gloo ranks)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    from megadiff.dist.parallel import _free_port
+
+    out = tmp_path / "checks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+           str(ROOT / "tests" / "dist_mask_checks.py"), str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    res = json.loads(out.read_text())
+    assert res["unmasked_loss_rel"] > 1e-4, res  # documents change the loss (float noise ~1e-7)
+    assert res["tp2_logits_rel"] < 1e-5 and res["tp2_loss_rel"] < 1e-5
+    assert res["pp2_loss_rel"] < 1e-5 and res["pp2_grad_rel"] < 1e-4
