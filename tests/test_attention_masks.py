@@ -28,9 +28,9 @@ def _build(arch="llama", causal=False, backend="sdpa", groups=2, seed=7):
 
     cfg = OmegaConf.structured(ModelConfig(arch=arch, num_layers=2, hidden_size=64, num_attention_heads=4,
                                            num_query_groups=groups if arch == "llama" else None, max_seq_len=64,
-                                           attention_backend=backend, causal=causal))
+                                           attention_backend=backend))
     torch.manual_seed(seed)
-    m = build_model(cfg, V).model
+    m = build_model(cfg, V, causal=causal, masked=True).model
     with torch.no_grad():  # non-trivial norms/biases so every parameter matters
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
@@ -178,7 +178,8 @@ def test_config_keys_are_checked():
 def test_masked_runs_refuse_backends_without_masks():
     from megadiff.model.attention import resolve_backend
 
-    assert resolve_backend("auto", "cpu", masked=True) == "sdpa"
+    assert resolve_backend("auto", "cpu", masked=True) == "sdpa"  # flex has no CPU backward
+    assert resolve_backend("auto", "cuda", masked=True) == "flex"
     with pytest.raises(MegadiffError, match="flex"):
         resolve_backend("flash", "cuda", masked=True)
 

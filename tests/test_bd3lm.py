@@ -107,7 +107,7 @@ def test_clipped_schedule_keeps_mask_rates_in_range(schedule):
     rate = 1 - sched.alpha(aux.t_blocks.double())
     assert float(rate.min()) >= 0.3 - 1e-5 and float(rate.max()) <= 0.8 + 1e-5
     assert 0.5 < float(aux.masked.float().mean()) < 0.6  # mean rate 0.55
-    assert not bd.for_eval().clipped
+    assert not bd.for_validation().clipped
 
 
 def test_bad_block_size_is_refused():

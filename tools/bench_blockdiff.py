@@ -142,7 +142,7 @@ def main() -> None:
     init_parallel(device="cpu")
     rows = bench_train(a) + bench_sampling(a)
     destroy_parallel()
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; model: llama, "
           f"{a.layers} layers, hidden {a.hidden}, {a.heads} heads, vocab {a.vocab}, fp32")
     print("| measurement | value | ratio | target |\n|---|---:|---:|---|")

@@ -18,7 +18,7 @@ t_k is U(eps, 1) and the blocks of a sequence are spread over the unit interval;
 Clipped schedule (BD3-LM's variance reduction, ``diffusion.mask_rate_min/max``): the per-block mask
 rate 1 - alpha(t_k) is drawn from U[min, max] instead of U[0, 1] (t_k mapped through the schedule's
 inverse). The loss is then the clipped-range objective, not the NELBO; validation always uses the
-full range (``for_eval``), so ``val/nelbo`` stays the block NELBO.
+full range (``for_validation``), so ``val/nelbo`` stays the block NELBO.
 
 Conventions (the identities tested in tests/test_bd3lm.py):
 * block_size = L: one block, the noisy half never sees the clean half: the loss equals MDLM's on the
@@ -39,8 +39,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from megadiff.diffusion.catalog import OBJECTIVES
 from megadiff.diffusion.noise import Noise, position_uniforms
-from megadiff.diffusion.objectives import OBJECTIVES, LossOut, Objective, token_ce
+from megadiff.diffusion.objectives import LossOut, Objective, token_ce
 from megadiff.diffusion.schedules import Schedule
 
 PHI = (math.sqrt(5.0) - 1.0) / 2.0
@@ -91,10 +92,11 @@ class BD3LM(Objective):
     def clipped(self) -> bool:
         return self.rate_min > 0.0 or self.rate_max < 1.0
 
-    def for_eval(self) -> BD3LM:
-        """The unclipped objective (the block NELBO) for validation."""
-        return BD3LM(self.schedule, self.mask_id, self.vocab_size, block_size=self.block_size, eps=self.eps,
-                     mask_rate_min=0.0, mask_rate_max=1.0)
+    def for_validation(self) -> BD3LM:
+        """The unclipped objective (the block NELBO) for validation, whose times start where the trainer's
+        validation noise starts (t at mask probability eps, ``Schedule.t_at_mask_prob``)."""
+        return BD3LM(self.schedule, self.mask_id, self.vocab_size, block_size=self.block_size,
+                     eps=self.schedule.t_at_mask_prob(self.eps), mask_rate_min=0.0, mask_rate_max=1.0)
 
     def _clip(self, tk: torch.Tensor) -> torch.Tensor:
         if not self.clipped:

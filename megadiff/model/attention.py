@@ -12,12 +12,15 @@ is [s, b, heads*head_dim] of this TP rank) and call a fused kernel:
   (``mask_mod``), compiled on CUDA; unmasked calls go through SDPA. Its forward also runs on CPU
   (unfused), but torch has no flex backward on CPU: training with it needs a GPU.
 * ``flash`` — ``flash_attn.flash_attn_func`` (``causal=False`` for diffusion), if installed; no masks.
-* ``te``    — transformer-engine's ``TEDotProductAttention`` (mask type ``no_mask``), if installed.
+* ``te``    — transformer-engine's ``TEDotProductAttention`` (mask type ``no_mask``), if installed
+  (registered by ``megadiff/model/te_attention.py``, imported only when chosen).
   Document masks on this path are megatron's packed THD format (``masks.packed_seq_params``: the
   batch flattened to one row with ``cu_seqlens``); BD3-LM masks are not expressible there.
 
-``auto`` picks, on CUDA: te > flash > sdpa without masks, flex > sdpa when the run uses masks
-(``data.document_mask`` or a block objective); sdpa on CPU. Whether attention is bidirectional
+Names and traits (package, CUDA only, masks, CPU backward, preference of ``auto``) are declared in
+``megadiff/model/catalog.py``. ``auto`` picks the usable backend with the highest preference: te > flash >
+sdpa on CUDA without masks; flex > sdpa on CUDA when the run uses masks (``data.document_mask`` or a block
+objective); sdpa on CPU (flex has no CPU backward). Whether attention is bidirectional
 is the spec's ``attn_mask_type`` parameter (``AttnMaskType.no_mask`` vs ``causal``). Extra masks
 arrive as the ``attention_mask`` argument megatron passes down unchanged: a
 ``megadiff.model.masks.AttentionMask`` (rule, documents, BD3-LM layout, sampling KV cache).
@@ -34,13 +37,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from megadiff import MegadiffError
+from megadiff.model.catalog import ATTENTION_BACKENDS
 from megadiff.model.masks import AttentionMask
-from megadiff.registry import Registry
 
 # torch >= 2.5: SDPA broadcasts key/value groups itself (no repeat_interleave copies)
 _NATIVE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-ATTENTION_BACKENDS: Registry[type] = Registry("attention backend")
 
 
 class _CoreAttentionBase(MegatronModule):
@@ -201,40 +202,27 @@ class FlashCoreAttention(_CoreAttentionBase):
         return out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
 
 
-def have_te() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def have_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def have_flex() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+def usable(name: str, device: str) -> bool:
+    """``name`` is installed and runs on ``device``."""
+    tr = ATTENTION_BACKENDS.traits(name)
+    return (not tr.cuda_only or device == "cuda") and (tr.package is None or importlib.util.find_spec(tr.package)
+                                                      is not None)
 
 
 def resolve_backend(name: str, device: str, masked: bool = False) -> str:
-    """Map ``auto`` to the best backend available on ``device`` for a run with (``masked``) or without
-    document / block masks; check explicit choices exist and can take the masks."""
+    """Map ``auto`` to the best backend usable on ``device`` (for a run with document / block masks when
+    ``masked``); check that an explicit choice is usable and, if ``masked``, applies masks."""
     if name == "auto":
-        if device == "cuda" and masked:
-            return "flex" if have_flex() else "sdpa"
-        if device == "cuda" and have_te():
-            return "te"
-        if device == "cuda" and have_flash_attn():
-            return "flash"
-        return "sdpa"
-    if masked and name in ("te", "flash"):
-        raise MegadiffError(f"model.attention_backend={name} cannot apply document/block masks in megadiff; "
+        ok = [n for n in ATTENTION_BACKENDS.names() if usable(n, device)
+              and (not masked or ATTENTION_BACKENDS.traits(n).masks)
+              and (device == "cuda" or ATTENTION_BACKENDS.traits(n).cpu_backward)]
+        return max(ok, key=lambda n: ATTENTION_BACKENDS.traits(n).auto_rank)
+    tr = ATTENTION_BACKENDS.traits(name)  # unknown name -> error listing the allowed ones
+    if masked and not tr.masks:
+        raise MegadiffError(f"model.attention_backend={name} cannot apply document/block masks; "
                             "use flex (GPU), sdpa or auto")
-    if name == "flex" and not have_flex():
-        raise MegadiffError("model.attention_backend=flex needs torch >= 2.5 (torch.nn.attention.flex_attention)")
-    if name == "te" and not have_te():
-        raise MegadiffError("model.attention_backend=te but transformer-engine is not installed; use sdpa or auto")
-    if name == "flash" and not have_flash_attn():
-        raise MegadiffError("model.attention_backend=flash but flash-attn is not installed; use sdpa or auto")
-    if name in ("te", "flash") and device != "cuda":
+    if tr.package is not None and importlib.util.find_spec(tr.package) is None:
+        raise MegadiffError(f"model.attention_backend={name} but {tr.package} is not installed; use sdpa or auto")
+    if tr.cuda_only and device != "cuda":
         raise MegadiffError(f"model.attention_backend={name} needs a CUDA device; use sdpa on CPU")
-    if name not in ("te",) and name not in ATTENTION_BACKENDS:
-        ATTENTION_BACKENDS.get(name)  # raises with the allowed list
     return name
