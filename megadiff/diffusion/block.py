@@ -144,10 +144,11 @@ def evaluate_block_nelbo(model_fn: Callable[[torch.Tensor], torch.Tensor], batch
     """Block NELBO in nats/token (midpoint rule in t, shared by the blocks, masks from the counter noise).
 
     ``model_fn([B, 2L] tokens) -> logits`` must apply the BD3-LM layout (``model.block_lm.bd3lm_model_fn``).
-    Returns {"nelbo", "ppl_bound", "tokens", "sequences"} like ``evaluate_nelbo``.
+    Returns {"nelbo", "ppl_bound", "tokens", "sequences", "nelbo_sem"} like ``evaluate_nelbo``.
     """
     obj = BD3LM(schedule, mask_id, vocab_size, block_size=block_size, eps=0.0)
     total, tokens, seqs = 0.0, 0, 0
+    per_seq: list[torch.Tensor] = []
     for batch in batches:
         x0 = batch["tokens"] if isinstance(batch, dict) else batch
         B, L = x0.shape
@@ -158,10 +159,13 @@ def evaluate_block_nelbo(model_fn: Callable[[torch.Tensor], torch.Tensor], batch
             inp, aux = obj.prepare_blocks(x0, t, position_uniforms(seed, j, ids, L))
             ce = token_ce(model_fn(inp)[:, :L], x0, vocab_size, mask_id).to(torch.float64)
             acc += torch.where(aux.masked, ce * aux.weight.to(torch.float64), torch.zeros_like(ce)).sum(-1)
+        per_seq.append((acc / n_t / L).cpu())
         total += float((acc / n_t).sum())
         tokens += B * L
         seqs += B
     if tokens == 0:
         raise ValueError("evaluate_block_nelbo got no batches")
     nelbo = total / tokens
-    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": tokens, "sequences": seqs}
+    ps = torch.cat(per_seq)
+    sem = float(ps.std() / math.sqrt(len(ps))) if len(ps) > 1 else float("nan")
+    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": tokens, "sequences": seqs, "nelbo_sem": sem}
