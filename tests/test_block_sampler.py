@@ -201,8 +201,27 @@ def test_fast_dllm_threshold_trades_calls_for_parallelism(table):
     assert bool((par.row_calls >= LG // BS).all()) and float(par.row_calls.double().mean()) < LG - 0.5
 
 
-def test_prompt_must_be_block_aligned(table):
+def test_unaligned_prompt_is_revealed_context_of_its_block(table):
+    """A prompt ending inside a block: that block is generated with the prompt's tokens already revealed;
+    cached and recomputed runs agree and the prompt is kept."""
     model, _ = table
-    with pytest.raises(ValueError, match="multiples of the block size"):
-        block_diffusion_sample(model, torch.zeros(1, 1, dtype=torch.long), LG, block_size=BS, mask_id=TMASK,
-                               vocab_size=TV)
+    prompt = torch.randint(0, REAL, (300, 1), generator=torch.Generator().manual_seed(0))
+    kw = {"block_size": BS, "mask_id": TMASK, "vocab_size": TV, "seed": 2}
+    a = block_diffusion_sample(model, prompt, LG - 1, cache=True, **kw)
+    b = block_diffusion_sample(model, prompt, LG - 1, cache=False, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens[:, :1], prompt)
+    assert not bool((a.tokens == TMASK).any())
+
+
+def test_registered_sampler_runs_on_a_canvas(table):
+    from megadiff.diffusion.catalog import SAMPLERS
+
+    model, _ = table
+    x = torch.full((4, LG), TMASK)
+    x[:, 0] = 1
+    out = SAMPLERS.get("bd3lm")(None, x, mask_id=TMASK, vocab_size=TV, denoiser=model, block_length=BS,
+                                generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == x.shape and bool((out.tokens[:, 0] == 1).all()) and not bool((out.tokens == TMASK).any())
+    x[0, 2] = 0  # a fixed token after the generated span: infilling, refused
+    with pytest.raises(ValueError, match="no infilling"):
+        SAMPLERS.get("bd3lm")(None, x, mask_id=TMASK, vocab_size=TV, denoiser=model, block_length=BS)

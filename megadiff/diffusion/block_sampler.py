@@ -27,6 +27,9 @@ Randomness is counter-based, keyed on (``seed``, the row's ``row_seed``, block, 
 output depends on its prompt and row seed only, not on the rest of its batch (batch invariance). With
 ``eos_id``, a row whose finished block contains EOS is done: later positions get ``pad_id`` (default
 eos_id); decoding stops when every row is done.
+
+``SAMPLERS.get("bd3lm")`` wraps it in the common sampler contract (canvas in, ``SampleOut`` out) with the
+denoiser passed as ``denoiser=`` (``eval.genquality.sampler_kwargs`` builds it for block-diffusion runs).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from typing import Callable, Optional
 
 import torch
 
+from megadiff.diffusion.catalog import SAMPLERS
 from megadiff.diffusion.noise import uniform_from_key
-from megadiff.diffusion.samplers import sampling_logprobs
+from megadiff.diffusion.samplers import SampleOut, sampling_logprobs
 
 Denoiser = Callable[..., torch.Tensor]
 _S_TOKEN, _S_ORDER = 0x3C6EF372, 0xA54FF53A
@@ -92,16 +96,17 @@ class _Net:
 def block_diffusion_sample(denoiser: Denoiser, prompt: torch.Tensor, gen_length: int, *, block_size: int,
                            mask_id: int, vocab_size: int, steps_per_block: Optional[int] = None,
                            threshold: Optional[float] = None, eos_id: Optional[int] = None,
-                           pad_id: Optional[int] = None, temperature: float = 1.0, seed: int = 0,
-                           row_seeds: Optional[torch.Tensor] = None, cache: bool = True) -> BlockSampleOut:
+                           pad_id: Optional[int] = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                           seed: int = 0, row_seeds: Optional[torch.Tensor] = None, cache: bool = True) -> BlockSampleOut:
     """Generate ``gen_length`` tokens after ``prompt`` [B, P] block by block (see the module docstring).
 
-    P and gen_length must be multiples of ``block_size`` (blocks are aligned as in training).
+    Blocks sit at multiples of ``block_size`` as in training: the prompt's full blocks are the clean prefix
+    (one commit call); a block the prompt ends inside is generated with the prompt's tokens in it already
+    revealed; the last block may be shorter.
     """
     B, P = prompt.shape
-    if P % block_size or gen_length % block_size or gen_length <= 0:
-        raise ValueError(f"prompt length {P} and gen_length {gen_length} must be multiples of the block size "
-                         f"{block_size} (gen_length > 0); pad the prompt on the left to a block boundary")
+    if gen_length <= 0:
+        raise ValueError(f"gen_length must be > 0, got {gen_length}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     steps = block_size if steps_per_block is None else int(steps_per_block)
@@ -110,33 +115,35 @@ def block_diffusion_sample(denoiser: Denoiser, prompt: torch.Tensor, gen_length:
     dev = prompt.device
     rs = (torch.arange(B, device=dev) if row_seeds is None else row_seeds.to(dev)).to(torch.int64)
     x = torch.cat([prompt.to(torch.int64), torch.full((B, gen_length), mask_id, dtype=torch.int64, device=dev)], 1)
+    T = x.shape[1]
     net = _Net(denoiser, cache)
-    if P:
-        net.commit(x, 0, P)
+    first = P // block_size
+    if first:
+        net.commit(x, 0, first * block_size)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     row_calls = torch.zeros(B, dtype=torch.int64, device=dev)
-    for blk, start in enumerate(range(P, P + gen_length, block_size)):
-        _denoise_block(net, x, start, block_size, blk, steps, threshold, mask_id, vocab_size, temperature, seed, rs,
-                       row_calls)
+    draw = (temperature, top_k, top_p)
+    for blk in range(first, -(-T // block_size)):
+        start = blk * block_size
+        n = min(block_size, T - start)
+        _denoise_block(net, x, start, n, blk, steps, threshold, mask_id, vocab_size, draw, seed, rs, row_calls)
         if eos_id is not None:
-            gen = x[:, P:start + block_size]
-            is_eos = gen == eos_id
-            done |= is_eos.any(-1)
+            done |= (x[:, P:start + n] == eos_id).any(-1)
             if bool(done.all()):
                 break
-        if start + block_size < P + gen_length:
-            net.commit(x, start, block_size)
+        if start + n < T:
+            net.commit(x, start, n)
     if eos_id is not None:
         gen = x[:, P:]
         is_eos = gen == eos_id
-        first = torch.where(is_eos.any(-1), is_eos.to(torch.int8).argmax(-1), gen.shape[1])
-        after = torch.arange(gen.shape[1], device=dev)[None, :] > first[:, None]
+        first_eos = torch.where(is_eos.any(-1), is_eos.to(torch.int8).argmax(-1), gen.shape[1])
+        after = torch.arange(gen.shape[1], device=dev)[None, :] > first_eos[:, None]
         gen[after] = eos_id if pad_id is None else pad_id
     return BlockSampleOut(x, net.nfe, net.calls, row_calls)
 
 
 def _denoise_block(net: _Net, x: torch.Tensor, start: int, n: int, blk: int, steps: int,
-                   threshold: Optional[float], mask_id: int, vocab_size: int, temperature: float, seed: int,
+                   threshold: Optional[float], mask_id: int, vocab_size: int, draw: tuple, seed: int,
                    rs: torch.Tensor, row_calls: torch.Tensor) -> None:
     cols = slice(start, start + n)
     call = 0
@@ -144,7 +151,7 @@ def _denoise_block(net: _Net, x: torch.Tensor, start: int, n: int, blk: int, ste
         masked = x[:, cols] == mask_id  # [B, n]
         logits = net.block_logits(x, start, n)
         row_calls += masked.any(-1)
-        logp = sampling_logprobs(logits, mask_id, vocab_size, temperature)  # [B, n, V]
+        logp = sampling_logprobs(logits, mask_id, vocab_size, *draw)  # [B, n, V] (temperature, top_k, top_p)
         tok = _inverse_cdf(logp, _uniforms(seed, rs, _S_TOKEN, blk, call, n))
         if threshold is None:
             left = max(steps - call, 1)
@@ -170,3 +177,30 @@ def full_sequence_flops(calls: list, L: int, linear_per_token: float, attn_per_p
 
     return sum(cost(q, k) for q, k in calls) / cost(L, L)
 
+
+
+@SAMPLERS.register("bd3lm")
+@torch.no_grad()
+def bd3lm(model_fn, x: torch.Tensor, *, mask_id: int, vocab_size: int, denoiser: Denoiser, block_length: int,
+          steps: Optional[int] = None, threshold: Optional[float] = None, cache: bool = True,
+          eos_id: Optional[int] = None, pad_id: Optional[int] = None, temperature: float = 1.0, top_k: int = 0,
+          top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+          active: Optional[torch.Tensor] = None) -> SampleOut:
+    """The ``SAMPLERS`` entry: ``block_diffusion_sample`` on a canvas (prompt, then [MASK] to the end).
+
+    ``model_fn`` is unused (the network is reached through ``denoiser``, which applies the BD3-LM layout and
+    the KV cache); the seed is drawn from ``generator``; ``steps`` is per block.
+    """
+    if active is not None:
+        raise ValueError("the bd3lm sampler generates after a prompt; it takes no `active` restriction")
+    is_mask = x == mask_id
+    P = int((~is_mask[0]).sum())
+    if not (bool((~is_mask[:, :P]).all()) and bool(is_mask[:, P:].all())) or P == x.shape[1]:
+        raise ValueError("the bd3lm sampler needs canvases of one prompt length followed only by [MASK] "
+                         "(no infilling); use another sampler for infilling")
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    out = block_diffusion_sample(denoiser, x[:, :P], x.shape[1] - P, block_size=block_length, mask_id=mask_id,
+                                 vocab_size=vocab_size, steps_per_block=steps, threshold=threshold, eos_id=eos_id,
+                                 pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 cache=cache)
+    return SampleOut(out.tokens, out.nfe, out.nfe, out.row_calls)

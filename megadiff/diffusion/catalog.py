@@ -48,6 +48,7 @@ class SamplerTraits:
     stops_at_eos: bool = False  # takes eos_id/pad_id: variable-length output (not with infilling)
     remasking: bool = False  # takes `remasking=` (LLaDA low_confidence | random)
     grouped: bool = False  # takes `group=` (tokens revealed per network call)
+    needs_denoiser: bool = False  # block diffusion: takes `denoiser=` (KV-cached BD3-LM calls) and the run's block size
 
 
 SAMPLERS: Registry = Registry("sampler")
@@ -60,6 +61,9 @@ SAMPLERS.declare("llada", "megadiff.diffusion.samplers", SamplerTraits(
 SAMPLERS.declare("block", "megadiff.diffusion.samplers", SamplerTraits(
     "semi-autoregressive blocks of cached ancestral sampling", needs_schedule=True, cacheable=True, blocks=True,
     default_block=32, stops_at_eos=True))
+SAMPLERS.declare("bd3lm", "megadiff.diffusion.block_sampler", SamplerTraits(
+    "block diffusion (BD3-LM) with an exact KV cache of the clean prefix", cacheable=True, blocks=True,
+    stops_at_eos=True, needs_denoiser=True))
 
 SCHEDULES: Registry = Registry("noise schedule")
 for _name in ("loglinear", "linear", "cosine", "poly"):
