@@ -110,6 +110,14 @@ def test_flex_backend_forward_equals_sdpa(pc, kind):
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
 
 
+def test_flex_training_on_cpu_is_a_clear_error(pc):
+    flex = _build(backend="flex").train()
+    toks, seg = _packed()
+    pos, mask = attention_inputs(toks.shape[1], 2, toks.device, segment_ids=seg)
+    with pytest.raises(MegadiffError, match="no backward on CPU"):
+        flex(toks, pos, mask)
+
+
 def test_native_gqa_equals_repeated_heads(pc, monkeypatch):
     from megadiff.model import attention
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -140,6 +141,9 @@ class FlexCoreAttention(_CoreAttentionBase):
         else:
             if dropout > 0.0:
                 raise MegadiffError("the flex attention backend has no attention dropout; use sdpa")
+            if not q.is_cuda and q.requires_grad and torch.is_grad_enabled():
+                raise MegadiffError("torch's flex_attention has no backward on CPU: train with "
+                                    "model.attention_backend=sdpa (or auto) on CPU; flex is for GPUs")
             out = flex_attention_call(q, k, v, flex_block_mask(mask, causal, q.device), self.softmax_scale,
                                       gqa=self.groups != self.heads)
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
@@ -168,7 +172,6 @@ _FLEX_COMPILED = None
 def flex_attention_call(q, k, v, block_mask, scale, gqa: bool):
     """flex_attention, compiled once per process on CUDA (eager and unfused elsewhere)."""
     global _FLEX_COMPILED
-    import torch
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = flex_attention
