@@ -129,12 +129,7 @@ class BD3LM(Objective):
         ce = token_ce(logits[:, :L], x0, self.vocab_size, self.mask_id)  # noisy half only
         ce_m = torch.where(aux.masked, ce, torch.zeros_like(ce))
         loss_sum = (ce_m * aux.weight).sum()
-        metrics = {
-            "masked": aux.masked.sum().detach(),
-            "ce_sum": ce_m.sum().detach(),
-            "t_sum": aux.t_blocks.float().mean(-1).sum().detach(),
-        }
-        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device))
 
 
 @torch.no_grad()
