@@ -53,6 +53,7 @@ class BlockSampleOut:
     nfe: int  # network calls (commit calls included)
     calls: list = field(default_factory=list)  # (query tokens, key tokens) per call, for FLOP accounting
     row_calls: Optional[torch.Tensor] = None  # [B] denoising calls in which the row still had masked tokens
+    commits: int = 0  # KV-cache commit calls (included in nfe)
 
 
 def _uniforms(seed: int, row_seeds: torch.Tensor, stream: int, block: int, call: int, n: int) -> torch.Tensor:
@@ -74,7 +75,7 @@ class _Net:
     """Counts calls and the (query, key) tokens of each for the FLOP accounting."""
 
     def __init__(self, denoiser: Denoiser, cache: bool):
-        self.fn, self.cache, self.nfe, self.calls = denoiser, cache, 0, []
+        self.fn, self.cache, self.nfe, self.calls, self.commits = denoiser, cache, 0, [], 0
         self.state = denoiser.new_state() if cache else None
 
     def block_logits(self, x: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -88,6 +89,7 @@ class _Net:
     def commit(self, x: torch.Tensor, start: int, n: int) -> None:
         if self.cache:
             self.nfe += 1
+            self.commits += 1
             self.calls.append((n, start + n))
             self.fn(x[:, start:start + n], start, self.state, True)
 
@@ -139,7 +141,7 @@ def block_diffusion_sample(denoiser: Denoiser, prompt: torch.Tensor, gen_length:
         first_eos = torch.where(is_eos.any(-1), is_eos.to(torch.int8).argmax(-1), gen.shape[1])
         after = torch.arange(gen.shape[1], device=dev)[None, :] > first_eos[:, None]
         gen[after] = eos_id if pad_id is None else pad_id
-    return BlockSampleOut(x, net.nfe, net.calls, row_calls)
+    return BlockSampleOut(x, net.nfe, net.calls, row_calls, net.commits)
 
 
 def _denoise_block(net: _Net, x: torch.Tensor, start: int, n: int, blk: int, steps: int,
@@ -203,4 +205,4 @@ def bd3lm(model_fn, x: torch.Tensor, *, mask_id: int, vocab_size: int, denoiser:
                                  vocab_size=vocab_size, steps_per_block=steps, threshold=threshold, eos_id=eos_id,
                                  pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                  cache=cache)
-    return SampleOut(out.tokens, out.nfe, out.nfe, out.row_calls)
+    return SampleOut(out.tokens, out.nfe, out.nfe, out.row_calls + out.commits)  # rows: denoising + commit calls

@@ -29,7 +29,7 @@ from megadiff import MegadiffError
 def sampler_kwargs(im: Any, sampler: str, steps: Optional[int] = None, block_length: Optional[int] = None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length: int = 64,
                    remasking: str = "low_confidence", group: int = 1, cache: bool = True,
-                   stop_at_eos: bool = True) -> dict:
+                   stop_at_eos: bool = True, threshold: Optional[float] = None) -> dict:
     """Keyword arguments of a registered sampler, filled from its declared traits and the run (schedule,
     EOS id). ``steps`` is the total for unblocked samplers and per block for blocked ones."""
     from megadiff.diffusion.catalog import SAMPLERS
@@ -63,7 +63,9 @@ def sampler_kwargs(im: Any, sampler: str, steps: Optional[int] = None, block_len
         if block_length not in (None, bs):
             raise MegadiffError(f"--block-length {block_length} differs from the checkpoint's diffusion.block_size "
                                 f"{bs}; leave it out")
-        kw.update(block_length=bs, steps=steps or bs, denoiser=MegatronDenoiser(im.model, bs))
+        kw.update(block_length=bs, steps=steps or bs, denoiser=MegatronDenoiser(im.model, bs), threshold=threshold)
+    elif threshold is not None:
+        raise MegadiffError(f"--threshold (Fast-dLLM parallel decoding) applies to the bd3lm sampler, not {sampler!r}")
     return kw
 
 
