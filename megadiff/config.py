@@ -67,6 +67,7 @@ class DataConfig:
     valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]
     shuffle_seed: int = 1234
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    unique_tokens: Optional[int] = None  # data-constrained runs: a U-token prefix of the shuffled split, repeated
 
 
 # ----------------------------------------------------------------------------- model

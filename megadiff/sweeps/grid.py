@@ -4,11 +4,12 @@ With ``grid.center`` set, a budget C runs only the ladder sizes whose N lies wit
 [N_opt(C) / span, N_opt(C) x span], N_opt from a prior law:
 
 * ``chinchilla``: Hoffmann et al. 2022's fit (E, A, B, alpha, beta) = (1.69, 406.4, 410.7, 0.34, 0.28)
-  with C = 6 N D (their N counts all parameters; we compare it with the runs' total N);
+  with C = 6 N D;
 * ``fit``: the Approach 3 law of each objective in an earlier sweep's ``fit.json`` (``grid.prior_fit``),
   with that sweep's FLOPs-per-token law (the convention it was fitted with);
 * ``params``: ``grid.prior_params`` {E, A, B, alpha, beta} with C = 6 N D.
 
+N_opt is compared with N as the fits count it (``fit.n_kind``: total or non_embedding).
 If fewer than ``grid.min_sizes`` sizes fall in the span, the nearest ones in log N are taken (a
 parabola needs 3). Every run whose D/N lies outside ``grid.tokens_per_param`` is flagged in the
 plan table (not refused: a deliberate off-optimum point is allowed, an accidental one is visible).
@@ -61,16 +62,21 @@ def centred_sizes(spec: Any, objective: str, budget: float, table: list) -> list
         return list(table)
     target = math.log(n_opt(spec, objective, budget))
     span = math.log(float(g.span))
-    inside = [s for s in table if abs(math.log(s.n_params) - target) <= span]
+
+    def log_n(s) -> float:  # N as the fits count it (fit.n_kind)
+        return math.log(s.n_non_embedding if spec.fit.n_kind == "non_embedding" else s.n_params)
+
+    inside = [s for s in table if abs(log_n(s) - target) <= span]
     if len(inside) < g.min_sizes:
-        near = sorted(table, key=lambda s: abs(math.log(s.n_params) - target))[: g.min_sizes]
+        near = sorted(table, key=lambda s: abs(log_n(s) - target))[: g.min_sizes]
         inside = [s for s in table if s in near]
     return inside
 
 
 def flag_tokens_per_param(spec: Any, run: Any) -> None:
     lo, hi = (float(x) for x in spec.grid.tokens_per_param)
-    tpp = run.tokens_per_param
+    kind = spec.fit.n_kind
+    tpp = run.tokens / max(run.n_for_fit(kind), 1)
     if run.ok and run.tokens and not lo <= tpp <= hi:
-        run.flag = (f"{tpp:.3g} tokens per parameter is outside grid.tokens_per_param [{lo:g}, {hi:g}]: "
-                    "far from any plausible compute optimum")
+        run.flag = (f"D/N = {tpp:.3g} tokens per parameter (N {kind}) is outside grid.tokens_per_param "
+                    f"[{lo:g}, {hi:g}]: far from any plausible compute optimum")
