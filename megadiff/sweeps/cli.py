@@ -207,7 +207,9 @@ def _sweep_observations(args):
         from omegaconf import OmegaConf
 
         fit_spec = OmegaConf.structured(FitSpec)
-        plan, parent_id = T.plan_from_mlflow(args.sweep, uri)
+        plan_json, parent_id = T.plan_from_mlflow(args.sweep, uri)
+        plan = Plan.from_json(plan_json)
+        plan.tracking_uri = uri
         convention = plan.runs[0].flops_convention if plan.runs else "kernel"
         out = Path(args.out or Path(plan.out_dir) / "fit")
     if parent_id is None:

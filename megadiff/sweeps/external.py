@@ -94,8 +94,8 @@ def write_csv(obs: Sequence[Observation], path: str | Path) -> Path:
     w = csv.writer(buf)
     w.writerow(["name", "objective", "budget", "N", "D", "loss", "C", "unique_tokens", "epochs"])
     for o in obs:
-        w.writerow([o.name, o.objective, repr(o.budget), repr(o.n), repr(o.d), repr(o.loss),
-                    repr(o.c) if o.c else "", repr(o.unique_tokens or o.d), repr(o.epochs)])
+        w.writerow([o.name, o.objective] + [repr(float(x)) for x in (o.budget, o.n, o.d, o.loss)]
+                   + [repr(float(o.c)) if o.c else "", repr(float(o.unique_tokens or o.d)), repr(float(o.epochs))])
     atomic_write_text(Path(path), buf.getvalue())
     return Path(path)
 

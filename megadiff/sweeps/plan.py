@@ -21,10 +21,7 @@ from megadiff.config import load_config, train_data_dir
 from megadiff.diffusion.catalog import OBJECTIVES
 from megadiff.model.flops import count_params, flops_per_token
 from megadiff.model.presets import PRESETS, padded_vocab_size, resolve_shape
-
-TAG_SWEEP = "sweep_id"
-TAG_RUN = "sweep_run"
-TAG_ROLE = "sweep_role"
+from megadiff.tracking.sweep_runs import TAG_RUN, TAG_SWEEP  # the tags the MLflow side searches by
 
 
 @dataclass

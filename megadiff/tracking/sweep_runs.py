@@ -1,12 +1,13 @@
 """The MLflow side of a sweep: parent run, child runs by sweep tag, metric histories, fit artifacts.
 
-megadiff/sweeps/ never imports mlflow; it calls these helpers (mlflow is imported inside them).
+megadiff/sweeps/ never imports mlflow; it calls these helpers (mlflow is imported inside them). A
+``plan`` here is a ``megadiff.sweeps.plan.Plan`` (only its attributes are used: tracking sits below sweeps).
 
     client = sweep_client(uri)
     parent_id = ensure_parent(plan)            # get or create the parent run; log plan.json to it
     runs = sweep_runs(plan)                    # {run name: latest MLflow run (FINISHED preferred)}
     history = metric_history(uri, run_id, "val/nelbo")
-    plan, parent_id = plan_from_mlflow(sweep_id, uri)
+    plan_json, parent_id = plan_from_mlflow(sweep_id, uri)   # the plan.json logged to the parent run
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megadiff import MegadiffError
-from megadiff.sweeps.plan import TAG_ROLE, TAG_RUN, TAG_SWEEP, Plan
 from megadiff.utils.io import atomic_write_json
+
+TAG_SWEEP = "sweep_id"  # every run of a sweep (parent and children)
+TAG_RUN = "sweep_run"  # a child run: its planned run name
+TAG_ROLE = "sweep_role"  # "parent" on the sweep's parent run
+Plan = Any
 
 
 def sweep_client(uri: str):
@@ -107,8 +112,8 @@ def finish_parent(plan: Plan, run_id: str) -> None:
     sweep_client(plan.tracking_uri).set_terminated(run_id, "FINISHED")
 
 
-def plan_from_mlflow(sweep_id: str, uri: str) -> tuple[Plan, str]:
-    """The plan logged to the sweep's parent run (for `megadiff sweep fit SWEEP_ID`)."""
+def plan_from_mlflow(sweep_id: str, uri: str) -> tuple[dict[str, Any], str]:
+    """(plan.json as logged to the sweep's parent run, parent run id), for `megadiff sweep fit SWEEP_ID`."""
     client = sweep_client(uri)
     parent = find_parent(client, sweep_id)
     if parent is None:
@@ -116,9 +121,7 @@ def plan_from_mlflow(sweep_id: str, uri: str) -> tuple[Plan, str]:
                             "YAML, or the tracking URI the sweep used (--tracking-uri or $MLFLOW_TRACKING_URI)")
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(parent.info.run_id, "plan.json", tmp)
-        plan = Plan.from_json(json.loads(Path(path).read_text()))
-    plan.tracking_uri = uri
-    return plan, parent.info.run_id
+        return json.loads(Path(path).read_text()), parent.info.run_id
 
 
 def log_fit(uri: str, run_id: str, files: Sequence[Path], res: dict[str, Any]) -> None:
