@@ -268,3 +268,57 @@ def test_write_csv_keeps_the_data_constrained_columns(tmp_path):
     obs = synth_dc(15.0, us=(1e9,), epochs=(1, 4), fs=(1.0,))
     back = read_csv(write_csv(obs, tmp_path / "r.csv"))
     assert [(o.unique_tokens, o.epochs) for o in back] == [(1e9, 1.0), (1e9, 4.0)]
+
+
+# ----------------------------------------------------------------------------- end to end (stand-in trainer)
+
+STANDIN = r'''
+import json, math, os, sys
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+ov = dict(a.split("=", 1) for a in sys.argv[2:])
+ov = {k: v.strip("'") for k, v in ov.items()}
+law = json.loads(os.environ["STANDIN_LAW"])[ov["diffusion.objective"]]
+run_dir = Path(ov["trainer.run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
+c = MlflowClient(ov["tracking.uri"])
+exp = c.get_experiment_by_name(ov["tracking.experiment"])
+tags = {k[len("tracking.tags."):]: v for k, v in ov.items() if k.startswith("tracking.tags.")}
+tags["mlflow.runName"] = ov["tracking.run_name"]
+tags["mlflow.parentRunId"] = ov["tracking.parent_run_id"]
+rid = c.create_run(exp.experiment_id, tags=tags).info.run_id
+n, d, u = float(tags["N_non_embedding"]), float(tags["D"]), float(ov["data.unique_tokens"])
+assert u == float(tags["U"])
+rd = d / u - 1.0
+d_eff = u + u * law["rd"] * (1 - math.exp(-rd / law["rd"]))
+loss = law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d_eff ** law["beta"]
+c.log_metric(rid, "val/nelbo", loss, step=int(ov["trainer.max_steps"]))
+c.set_terminated(rid, "FINISHED")
+'''
+
+
+@pytest.mark.slow  # 24 stand-in trainer processes, each importing mlflow
+def test_data_constrained_sweep_plan_launch_fit(tmp_path, monkeypatch, capsys):
+    """MDM and AR, two U, three epoch counts, two sizes: plan -> launch (real MLflow store) -> fit with its plots.
+    The stand-in logs a data-constrained law with R_D* = 4 (AR) and 40 (MDM)."""
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    law = {"E": 2.0, "A": 40.0, "B": 300.0, "alpha": 0.35, "beta": 0.3}
+    monkeypatch.setenv("STANDIN_LAW", json.dumps({"ar": dict(law, rd=4.0), "mdlm": dict(law, B=420.0, rd=40.0)}))
+    fake = tmp_path / "standin.py"
+    fake.write_text(STANDIN)
+    sw = write_sweep(tmp_path, data={"unique_tokens": [4096, 16384], "epochs": [1, 4, 16]}, flops="6nd",
+                     models={"custom": [{"name": f"w{w}", "num_layers": 2, "hidden_size": w, "num_attention_heads": 4}
+                                        for w in (32, 64)]},
+                     fit={"bootstrap": 10, "n_kind": "non_embedding"},
+                     launch={"train_command": [sys.executable, str(fake)], "parallel": 2})
+    assert main(["sweep", "plan", str(sw)]) == 0
+    assert main(["sweep", "launch", str(sw)]) == 0
+    assert "all 24 runs finished" in capsys.readouterr().out
+    assert main(["sweep", "fit", str(sw), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "Data-constrained law" in out
+    doc = json.loads((tmp_path / "sweep" / "fit" / "fit.json").read_text())
+    rd = {o: doc["objectives"][o]["data_constrained"]["R_D*"] for o in ("ar", "mdlm")}
+    assert rd["mdlm"] > 3 * rd["ar"], rd  # the MDM keeps gaining from repeats far longer
+    assert (tmp_path / "sweep" / "fit" / "loss_vs_epochs.png").stat().st_size > 10_000

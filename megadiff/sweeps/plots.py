@@ -28,6 +28,11 @@ def _plt():
     return plt
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a panel with nothing fitted has nothing to label
+        ax.legend(fontsize=8)
+
+
 def _tidy_log_x(ax) -> None:
     from matplotlib.ticker import NullFormatter
 
@@ -88,7 +93,7 @@ def plot_isoflop(obs, fits, path: Path, title: str) -> Path:
         ax.set_ylabel("validation NELBO (nats/token)")
         ax.set_title(f"{obj}: IsoFLOP profiles\n(solid: parabola in log N, *: minimum; dashed: Approach 3)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     return _save(plt, fig, title, fits, path)
 
 
@@ -127,7 +132,7 @@ def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = 
     ax2.set_title("compute-optimal allocation\n(lines: Approach 3; * N, ◆ D: IsoFLOP minima)")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
         _tidy_log_x(ax)
     return _save(plt, fig, title, fits, path)
 
@@ -177,7 +182,7 @@ def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str
     ax2.set_title(f"compute {mdm} needs to match {arn}'s loss at C")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
         _tidy_log_x(ax)
     return _save(plt, fig, title, {k: v for k, v in fits.items() if k in (mdm, arn)}, path)
 
@@ -206,7 +211,7 @@ def plot_residuals(obs, fits, excluded, path: Path, title: str) -> Path | None:
         ax.set_xlabel(xl)
         ax.set_ylabel("log(loss / Approach 3 prediction)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
         _tidy_log_x(ax)
     axes[0].set_title("residuals vs N")
     axes[1].set_title("residuals vs D")
