@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from megadiff import MegadiffError, __version__
+from megadiff import EXIT_BAD_INPUT, MegadiffError, __version__
 
 # modules with register(subparsers), in --help order; plug-in groups (entry points) follow, by name
 COMMAND_MODULES = [
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MegadiffError as e:
         print(f"megadiff: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)
