@@ -71,6 +71,7 @@ class DataConfig:
     shuffle_seed: int = 1234
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
     document_mask: bool = False  # attention stays inside each packed document (shards must record doc starts)
+    unique_tokens: Optional[int] = None  # data-constrained runs: a U-token prefix of the shuffled split, repeated
 
 
 # ----------------------------------------------------------------------------- model

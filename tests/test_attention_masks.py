@@ -174,7 +174,7 @@ def test_mask_errors_name_the_fix():
 def test_config_keys_are_checked():
     with pytest.raises(MegadiffError, match="diffusion.block_size"):
         load_config(None, ["diffusion.objective=bd3lm", "data.seq_len=64", "diffusion.block_size=5"])
-    with pytest.raises(MegadiffError, match="act only with"):
+    with pytest.raises(MegadiffError, match="diffusion.block_size' acts only with diffusion.objective in bd3lm"):
         load_config(None, ["diffusion.block_size=4"])
     with pytest.raises(MegadiffError, match="reset_position_ids"):
         load_config(None, ["model.reset_position_ids=true"])

@@ -91,8 +91,19 @@ class Objective:
 class _MaskedDiffusion(Objective):
     """Shared body: loss_sum = sum_b weight_b * sum_{l masked} CE(b, l); tokens = B * L."""
 
+    def __init__(self, schedule: Schedule, mask_id: int, vocab_size: int, cfg: Any = None, **kw: Any):
+        super().__init__(schedule, mask_id=mask_id, vocab_size=vocab_size, **kw)
+        self.eps = float(cfg.eps) if cfg is not None else 1e-3  # diffusion.eps
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def for_validation(self) -> Objective:
+        """The NELBO of the eps-truncated chain by mask counts (elbo.CountNELBO): unbiased, finite variance,
+        an upper bound on the NLL for every schedule, whatever this objective's training weighting."""
+        from megadiff.diffusion.elbo import CountNELBO
+
+        return CountNELBO(self.schedule, self.mask_id, self.vocab_size, eps=self.eps)
 
     def prepare(self, x0, noise):
         xt, masked = corrupt(x0, noise, self.schedule, self.mask_id)
@@ -133,8 +144,6 @@ class LLaDA(_MaskedDiffusion):
     def weight(self, t):
         return 1.0 / self.schedule.mask_prob(t)
 
-    def for_validation(self) -> Objective:
-        return MDLM(self.schedule, mask_id=self.mask_id, vocab_size=self.vocab_size)
 
 
 @OBJECTIVES.register("ar")

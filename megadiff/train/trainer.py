@@ -28,7 +28,7 @@ from megadiff.train.step import StepContext, global_sum, run_forward_backward, s
 
 class Trainer:
     def __init__(self, cfg: Any, callbacks: list[cb.Callback] | None = None):
-        from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat
+        from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat, limit_unique_tokens
         from megadiff.diffusion.objectives import make_objective
         from megadiff.diffusion.schedules import make_schedule
         from megadiff.dist.parallel import init_parallel
@@ -48,6 +48,7 @@ class Trainer:
 
         # data
         ds = [ShardDataset(r.path, r.split, skip_corrupt=cfg.data.skip_corrupt) for r in cfg.data.train]
+        ds = limit_unique_tokens(ds, cfg.data.unique_tokens, cfg.data.shuffle_seed)  # data-constrained runs
         self.info = ds[0].info
         self.seq_len = self.info.seq_len
         self.loader = GlobalBatchLoader(ds, [r.weight for r in cfg.data.train], tc.global_batch, tc.micro_batch,
