@@ -64,7 +64,9 @@ def test_to_hf_parity_and_round_trip(ckpts, layout):
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in hf_dir.iterdir()}
     card = (hf_dir / "README.md").read_text()
     assert "[MASK]" in card and "mdlm" in card
-    assert json.loads((hf_dir / "config.json").read_text())["is_causal"] is False
+    conf = json.loads((hf_dir / "config.json").read_text())
+    assert conf["is_causal"] is False
+    assert conf["megadiff_parameterisation"]["shift"] is False and "position i predicts token i**" in card
     _hf_parity(src, hf_dir)
     back = ckpts["root"] / f"back-{layout}"
     run_cli("convert", "from-hf", str(hf_dir), str(back), "--tp", "1", "--pp", "1")

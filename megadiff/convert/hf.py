@@ -20,6 +20,7 @@ import torch
 from megadiff import MegadiffError
 from megadiff.convert.keymap import Heads, arch_map, hf_to_megatron, megatron_to_hf
 from megadiff.diffusion.catalog import OBJECTIVES
+from megadiff.diffusion.shift import parameterisation_readme, parameterisation_record
 
 MASK_TOKEN = "[MASK]"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -141,6 +142,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
     conf = hf_config(shape, ck.cfg.model, padded, vocab, causal=traits.needs_causal_mask)
     if traits.block_diffusion:
         conf.megadiff_block_size = int(ck.cfg.diffusion.block_size)
+    conf.megadiff_parameterisation = parameterisation_record(ck.cfg.diffusion)  # objective, shift, options
     tok_path = Path(vocab["tokenizer_path"] or "")
     if not tok_path.is_file():
         raise MegadiffError(f"tokenizer {tok_path} of {ck.path} not found; pass --data-dir")
@@ -165,6 +167,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
                 attention="causal" if traits.needs_causal_mask else "bidirectional",
                 is_causal=str(traits.needs_causal_mask).lower(), mask_token=MASK_TOKEN, padded_vocab=padded,
                 **{k: vocab[k] for k in ("mask_id", "vocab_size", "eos_id", "pad_id", "bos_id")})
+                + "\n## Parameterisation (`megadiff_parameterisation` in `config.json`)\n\n"
+                + parameterisation_readme(ck.cfg.diffusion)
                 + (BLOCK_CARD.format(block_size=conf.megadiff_block_size) if traits.block_diffusion else ""))
     except FileExistsError as e:
         raise MegadiffError(f"{e} (or pass --overwrite)") from None

@@ -31,6 +31,11 @@ class EndOfRunSamples(Callback):
             if trainer.ctx.rank == 0:
                 print("samples skipped under pipeline parallelism; run `megadiff sample` on the checkpoint", flush=True)
             return
+        if not OBJECTIVES.traits(trainer.cfg.diffusion.objective).absorbing:
+            if trainer.ctx.rank == 0:
+                print(f"samples skipped: no sampler for diffusion.objective={trainer.cfg.diffusion.objective} "
+                      f"(its noise is not [MASK]-only)", flush=True)
+            return
         tokenizer, _ = load_from_dir(trainer.cfg.data.train[0].path)
         model = trainer.built.model
         model.eval()
@@ -41,7 +46,9 @@ class EndOfRunSamples(Callback):
 
             bs = int(trainer.cfg.diffusion.block_size)
             sampler, kw = "bd3lm", {"block_length": bs, "denoiser": MegatronDenoiser(model, bs)}
-        recs = generate(model_fn_of(model), tokenizer, [""] * self.num, gen_length=trainer.seq_len,
+        from megadiff.diffusion.shift import aligned_model_fn
+
+        recs = generate(aligned_model_fn(model_fn_of(model), trainer.cfg.diffusion), tokenizer, [""] * self.num, gen_length=trainer.seq_len,
                         sampler=sampler, sampler_kwargs=kw, batch_size=self.num,
                         seed=self.seed, vocab_size=trainer.info.vocab_size, mask_id=trainer.info.mask_id,
                         device=trainer.ctx.device, out_path=None, progress=False)
