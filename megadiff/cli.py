@@ -13,6 +13,7 @@ import os
 import sys
 
 from megadiff import MegadiffError, __version__
+from megadiff.utils import quiet
 
 # group name -> module with register(subparsers). Order is the order shown in --help.
 COMMAND_MODULES = [
@@ -25,6 +26,8 @@ COMMAND_MODULES = [
     "launch.cli",
     "megadiff.sweeps.cli",
     "megadiff.convert.cli",
+    "megadiff.checkpoint.cli",
+    "megadiff.commands.doctor",
 ]
 
 
@@ -36,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `megadiff COMMAND --help` for a command's options.",
     )
     p.add_argument("--version", action="version", version=f"megadiff {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every warning of megatron/torch/Ray, also the known-harmless ones filtered by "
+                        "default (megadiff/utils/quiet.py; MEGADIFF_VERBOSE=1 does the same)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         try:
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet.install(force_verbose=args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MegadiffError as e:
         print(f"megadiff: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)

@@ -155,7 +155,8 @@ class TrainerConfig:
     save_interval: int = 100  # 0 disables periodic saves (a final save still happens)
     keep_last: int = 3  # retention: keep the last K checkpoints
     keep_every: int = 0  # ... and every M-th step (0: none)
-    async_save: bool = True  # GPU only
+    async_save: bool = False  # write checkpoints in a background process (megatron dist_checkpointing async)
+    resume: str = "latest"  # latest | latest_valid (fall back to the newest checkpoint that verifies) | step_XXXXXX
     max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
     stop_after: int = 0  # >0: save and exit with the requeue code once this step is reached (chunked jobs)
     nan_max_consecutive: int = 5  # abort after this many non-finite steps in a row
@@ -232,25 +233,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     schema = OmegaConf.structured(MegadiffConfig)
     cfg = schema
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
-            try:
-                loaded = OmegaConf.load(p)
-            except Exception as e:  # yaml syntax errors
-                raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax errors
+            raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        try:
             cfg = OmegaConf.merge(cfg, loaded)
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise MegadiffError(f"override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
-        for ov in overrides or []:
-            key, value = ov.split("=", 1)
-            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"config file {str(p)!r}") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise MegadiffError(f"command-line override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
+    for ov in overrides or []:
+        key, value = ov.split("=", 1)
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        try:
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-    except OmegaConfBaseException as e:
-        raise _explain(e, schema, str(path) if path else "overrides") from None
+        except OmegaConfBaseException as e:
+            raise _explain(e, cfg, f"command-line override {ov!r}") from None
     validate(cfg)
     return cfg  # type: ignore[return-value]
 

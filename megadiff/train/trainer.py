@@ -94,7 +94,7 @@ class Trainer:
         self.max_steps = tc.max_steps
         self.step = 0
         self.tokens_seen = 0
-        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every)
+        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every, async_save=tc.async_save)
         self.preemption = cb.Preemption(tc.max_wall_minutes)
         self.nan_guard = cb.NaNGuard(tc.nan_max_consecutive)
         self.callbacks: list[cb.Callback] = [
@@ -110,7 +110,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> None:
-        step = self.ckpt.latest_step()
+        step = self.ckpt.resume_step(self.cfg.trainer.resume)
         if step is None:
             return
         extra = self.ckpt.load(step, self.model, self.optimizer)
@@ -183,6 +183,7 @@ class Trainer:
                 stats = self.train_step()
                 for c in self.callbacks:
                     c.on_step_end(self, stats)
+                self.ckpt.poll()  # an async save in flight: finalised (latest moved) once every rank wrote it
                 ei = self.cfg.trainer.eval_interval
                 if ei > 0 and self.valid and (self.step % ei == 0 or self.step == self.max_steps):
                     self.evaluate_and_log()
@@ -192,6 +193,7 @@ class Trainer:
                     reason = "preempted"
                     break
             self.save()
+            self.ckpt.wait()
             if reason == "done" and self.cfg.trainer.num_samples > 0:
                 self.generate_samples()
         finally:
@@ -257,7 +259,10 @@ def _has_split(ref) -> bool:
 
 def run_training(cfg: Any) -> int:
     """Entry point used by `megadiff train`: returns the process exit code."""
-    trainer = Trainer(cfg)
+    from megadiff.checkpoint.rundir import remove_if_setup_fails
+
+    with remove_if_setup_fails(cfg.trainer.run_dir):
+        trainer = Trainer(cfg)
     reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
 
