@@ -41,10 +41,9 @@ def _run_dir(path: str) -> Path:
 
 def run_verify(args) -> int:
     from megadiff import MegadiffError
-    from megadiff.checkpoint.contents import checkpoint_bytes, read_contents
-    from megadiff.checkpoint.manager import CheckpointManager, _human, step_dir_name
+    from megadiff.checkpoint.contents import RunCheckpoints, checkpoint_bytes, human_bytes, read_contents, step_dir_name
 
-    mgr = CheckpointManager(_run_dir(args.run_dir))
+    mgr = RunCheckpoints(_run_dir(args.run_dir))
     steps = mgr.steps()
     if not steps:
         print(f"no checkpoints in {mgr.root}", file=sys.stderr)
@@ -68,7 +67,7 @@ def run_verify(args) -> int:
                 print(f"    {msg}")
         else:
             newest_ok = name
-            print(f"{name}{tag}: ok, {_human(checkpoint_bytes(mgr.root / name))}{recorded}")
+            print(f"{name}{tag}: ok, {human_bytes(checkpoint_bytes(mgr.root / name))}{recorded}")
     partial = sorted(d.name for d in mgr.root.glob("step_*.tmp"))
     if partial:
         print(f"partial saves (removed by the next save): {', '.join(partial)}")

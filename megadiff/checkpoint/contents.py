@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Optional
 
+from megadiff import MegadiffError
 from megadiff.utils.io import atomic_write_json
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 CONTENTS = "contents.json"
 FORMAT = "megadiff-checkpoint-contents/1"
@@ -98,3 +103,50 @@ def verify_step_dir(step_dir: Path) -> list[str]:
         if msg:
             problems.append(msg)
     return problems
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class RunCheckpoints:
+    """The checkpoints of one run directory, found and verified without torch (``run_dir/checkpoints``)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = Path(run_dir) / "checkpoints"
+
+    def latest_name(self) -> Optional[str]:
+        """The step directory ``latest`` points at (None: no pointer)."""
+        p = self.root / "latest"
+        if not p.exists():
+            return None
+        name = p.read_text().strip()
+        if not STEP_RE.match(name):
+            raise MegadiffError(f"checkpoint pointer {p} is corrupt (holds {name!r}); delete it to restart from "
+                                f"scratch or write the name of a good step directory into it")
+        return name
+
+    def steps(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(m.group(1)) for d in self.root.iterdir() if (m := STEP_RE.match(d.name)) and d.is_dir())
+
+    def verify(self, step: int) -> list[str]:
+        """Problems of one checkpoint (empty: it verifies), read without loading it."""
+        return verify_step_dir(self.root / step_dir_name(step))
+
+    def newest_valid(self, below: Optional[int] = None) -> Optional[int]:
+        for s in reversed(self.steps()):
+            if (below is None or s < below) and not self.verify(s):
+                return s
+        return None

@@ -42,7 +42,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -53,10 +52,16 @@ import torch
 import torch.distributed as dist
 
 from megadiff import MegadiffError
-from megadiff.checkpoint.contents import checkpoint_bytes, verify_step_dir, write_contents
+from megadiff.checkpoint.contents import (
+    STEP_RE,
+    RunCheckpoints,
+    checkpoint_bytes,
+    human_bytes,
+    step_dir_name,
+    write_contents,
+)
 from megadiff.utils.io import atomic_write_json, atomic_write_text
 
-STEP_RE = re.compile(r"^step_(\d{6,})$")
 RESUME_MODES = ("latest", "latest_valid")  # or a step directory name: step_000280
 DISK_FULL_EXIT_CODE = 74  # sysexits EX_IOERR: the checkpoint could not be written (disk full)
 
@@ -65,20 +70,6 @@ class DiskFullError(MegadiffError):
     """The disk filled up while a checkpoint was written; the partial directory is already removed."""
 
     exit_code = DISK_FULL_EXIT_CODE
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "unknown"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -119,27 +110,15 @@ def _out_of_space(path: Path, below: int = 1 << 20) -> bool:
         return False
 
 
-class CheckpointManager:
+class CheckpointManager(RunCheckpoints):
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = False):
-        self.root = Path(run_dir) / "checkpoints"
+        super().__init__(run_dir)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
         self._queue = None  # megatron AsyncCallsQueue, made on the first async save
         self._pending: Optional[int] = None  # step of the async save not finalised yet
-
-    # ------------------------------------------------------------------ discovery
-    def latest_name(self) -> Optional[str]:
-        """The step directory ``latest`` points at (None: no pointer)."""
-        p = self.root / "latest"
-        if not p.exists():
-            return None
-        name = p.read_text().strip()
-        if not STEP_RE.match(name):
-            raise MegadiffError(f"checkpoint pointer {p} is corrupt (holds {name!r}); delete it to restart from "
-                                f"scratch or write the name of a good step directory into it")
-        return name
 
     def latest_step(self) -> Optional[int]:
         name = self.latest_name()
@@ -150,21 +129,6 @@ class CheckpointManager:
                                 f"{self.root / name}/megadiff.json is missing: the checkpoint is incomplete; "
                                 f"point 'latest' at an older step directory")
         return int(STEP_RE.match(name).group(1))
-
-    def steps(self) -> list[int]:
-        if not self.root.exists():
-            return []
-        return sorted(int(m.group(1)) for d in self.root.iterdir() if (m := STEP_RE.match(d.name)) and d.is_dir())
-
-    def verify(self, step: int) -> list[str]:
-        """Problems of one checkpoint (empty: it verifies), read without loading it."""
-        return verify_step_dir(self.root / step_dir_name(step))
-
-    def newest_valid(self, below: Optional[int] = None) -> Optional[int]:
-        for s in reversed(self.steps()):
-            if (below is None or s < below) and not self.verify(s):
-                return s
-        return None
 
     def resume_step(self, mode: str = "latest", warn: Callable[[str], None] | None = None) -> Optional[int]:
         """The step to resume from (None: start from scratch) under ``trainer.resume=mode``.
@@ -306,8 +270,8 @@ class CheckpointManager:
         fix = (f"free space or keep fewer checkpoints (trainer.keep_last={max(1, self.keep_last - 1)}; now "
                f"{self.keep_last}{f', keep_every={self.keep_every}' if self.keep_every else ''}), then rerun the "
                f"same command to resume")
-        return (f"disk full while saving checkpoint {step_dir_name(step)} to {self.root}: {_human(free)} free, a "
-                f"checkpoint takes {_human(size)}; {last}; the partial {step_dir_name(step)}.tmp was removed. Fix: "
+        return (f"disk full while saving checkpoint {step_dir_name(step)} to {self.root}: {human_bytes(free)} free, a "
+                f"checkpoint takes {human_bytes(size)}; {last}; the partial {step_dir_name(step)}.tmp was removed. Fix: "
                 f"{fix} (exit code {DISK_FULL_EXIT_CODE})")
 
     def _retain(self, newest: int) -> None:
