@@ -189,7 +189,8 @@ class CheckpointManager(RunCheckpoints):
         rank = dist.get_rank()
         try:
             if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                for stale in self.root.glob("step_*.tmp"):  # partial saves of a killed or failed earlier run
+                    shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir(parents=True)
             dist.barrier()
             sd = sharded_state_dict(model, optimizer)
