@@ -15,6 +15,7 @@ import os
 import sys
 
 from megadiff import MegadiffError, __version__
+from megadiff.dist import lazy_compile
 from megadiff.utils import quiet
 
 # modules with register(subparsers), in --help order; plug-in groups (entry points) follow, by name
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet.install(force_verbose=args.verbose)
+    lazy_compile.install()  # megatron's jit_fuser compiles at first call, not at import (start-up)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
