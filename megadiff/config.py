@@ -268,7 +268,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as e:
             raise _explain(e, cfg, f"command-line override {ov!r}") from None
     validate(cfg)
+    _check_resume(cfg.trainer.resume)
     return cfg  # type: ignore[return-value]
+
+
+def _check_resume(value: str) -> None:
+    if value not in ("latest", "latest_valid") and not re.fullmatch(r"step_\d{6,}", str(value)):
+        raise MegadiffError(f"config key 'trainer.resume' is {value!r}; allowed: latest, latest_valid or a step "
+                            f"directory name such as step_000280 (`megadiff checkpoint verify RUN_DIR` lists them)")
 
 
 def validate(cfg: Any) -> None:

@@ -94,6 +94,10 @@ def test_bad_resume_value_names_the_key(good_run):
         mgr.resume_step("newest")
     with pytest.raises(MegadiffError, match=r"trainer.resume=step_000003: .*step_000003 does not exist"):
         mgr.resume_step("step_000003")
+    from megadiff.config import load_config
+
+    with pytest.raises(MegadiffError, match=r"'trainer.resume' is 'newest'"):  # caught before any launch
+        load_config("configs/tiny_cpu.yaml", ["trainer.resume=newest"])
 
 
 def test_failed_setup_leaves_no_run_dir(tiny_data, tmp_path):
