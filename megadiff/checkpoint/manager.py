@@ -72,34 +72,31 @@ class DiskFullError(MegadiffError):
     exit_code = DISK_FULL_EXIT_CODE
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    """ENOSPC anywhere in the exception, its causes, or (torch DCP) the per-rank failures it wraps."""
-    seen: set[int] = set()
+def _related_exceptions(e: BaseException) -> list[BaseException]:
+    """``e``, its causes and contexts, and (torch DCP's CheckpointException) the per-rank failures it wraps."""
+    out: list[BaseException] = []
     todo: list[Any] = [e]
     while todo:
         x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, tuple):
+        if isinstance(x, tuple):  # DCP failures are (exception, traceback) pairs
             todo += list(x)
-            continue
-        if not isinstance(x, BaseException):
-            continue
+        elif isinstance(x, BaseException) and all(x is not y for y in out):
+            out.append(x)
+            todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
+    return out
+
+
+# torch's zip writer reports a short write (the disk filled up) as "[enforce fail ...] unexpected pos N vs M"
+DISK_FULL_TEXT = ("No space left on device", "[Errno 28]", "unexpected pos")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    for x in _related_exceptions(e):
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
-    # torch's zip writer turns a short write into "[enforce fail ...] unexpected pos N vs M"
-    text = "".join(str(x) for x in seen_exceptions(e))
-    return any(m in text for m in ("No space left on device", "[Errno 28]", "unexpected pos"))
-
-
-def seen_exceptions(e: BaseException) -> list[BaseException]:
-    out, x = [], e
-    while x is not None and x not in out:
-        out.append(x)
-        x = x.__cause__ or x.__context__
-    return out
+        if any(m in str(x) for m in DISK_FULL_TEXT):
+            return True
+    return False
 
 
 def _out_of_space(path: Path, below: int = 1 << 20) -> bool:
