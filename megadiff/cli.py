@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MegadiffError as e:
         print(f"megadiff: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return e.exit_code  # EXIT_BAD_INPUT unless the error names another documented code
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megadiff import MegadiffError
+from megadiff import EXIT_DISK_FULL, MegadiffError
 from megadiff.checkpoint.contents import (
     STEP_RE,
     RunCheckpoints,
@@ -63,7 +63,7 @@ from megadiff.checkpoint.contents import (
 from megadiff.utils.io import atomic_write_json, atomic_write_text
 
 RESUME_MODES = ("latest", "latest_valid")  # or a step directory name: step_000280
-DISK_FULL_EXIT_CODE = 74  # sysexits EX_IOERR: the checkpoint could not be written (disk full)
+DISK_FULL_EXIT_CODE = EXIT_DISK_FULL  # 74, sysexits EX_IOERR: the checkpoint could not be written (disk full)
 
 
 class DiskFullError(MegadiffError):

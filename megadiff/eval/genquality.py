@@ -157,10 +157,10 @@ class ARScorer:
 
     @torch.no_grad()
     def nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[tuple[float, int]]:
-        from megadiff.diffusion.objectives import token_ce
+        from megadiff.diffusion.objectives import next_token_ce
 
         def chunk_nll(x: torch.Tensor) -> float:
-            ce = token_ce(self.im.model_fn(x)[:, :-1], x[:, 1:], self.im.info.vocab_size, self.im.info.mask_id)
+            ce = next_token_ce(self.im.model_fn(x), x, self.im.info.vocab_size, self.im.info.mask_id)
             return float(ce.to(torch.float64).sum())
 
         return _chunked_nll(seqs, self.max_len, self.im.device, chunk_nll)

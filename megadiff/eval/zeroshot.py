@@ -110,11 +110,11 @@ def text_set(im: Any, path: str, max_seqs: int = 0, seq_len: int | None = None) 
 
 @torch.no_grad()
 def _ar_nll(model_fn, batches, vocab_size: int, mask_id: int) -> dict:
-    from megadiff.diffusion.objectives import token_ce
+    from megadiff.diffusion.objectives import next_token_ce
 
     total, tokens, seqs, per_seq = 0.0, 0, 0, []
     for x in batches:
-        ce = token_ce(model_fn(x)[:, :-1], x[:, 1:], vocab_size, mask_id).to(torch.float64)
+        ce = next_token_ce(model_fn(x), x, vocab_size, mask_id).to(torch.float64)
         total += float(ce.sum())
         tokens += ce.numel()
         seqs += x.shape[0]

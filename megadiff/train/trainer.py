@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megadiff import MegadiffError
+from megadiff import EXIT_REQUEUE, MegadiffError
 from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
 from megadiff.config import check_batch_layout, default_dataset_refs, is_causal, to_yaml
 from megadiff.train import callbacks as cb
@@ -194,7 +194,7 @@ class Trainer:
                 c.on_fit_end(self, reason)
         if reason == "preempted" and self.ctx.rank == 0:
             print(f"preempted ({self.preemption.reason}) at step {self.step}: checkpoint saved, exiting with "
-                  f"{cb.REQUEUE_EXIT_CODE} (requeue)", flush=True)
+                  f"{EXIT_REQUEUE} (requeue)", flush=True)
         return reason
 
     # ---------------------------------------------------------------- eval
@@ -258,7 +258,7 @@ def run_training(cfg: Any, callbacks: list[cb.Callback] | None = None) -> int:
 
     cb.barrier()
     destroy_parallel()
-    return cb.REQUEUE_EXIT_CODE if reason == "preempted" else 0
+    return EXIT_REQUEUE if reason == "preempted" else 0
 
 
 __all__ = ["Trainer", "run_training"]
