@@ -211,7 +211,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their tor
 # read back, refused with the reason when a user passes them.
 RETIRED_KEYS = {
     "model.causal": "the objective decides the attention mask (diffusion.objective=ar is causal)",
-    "trainer.async_save": "checkpoint saves are synchronous; the key never had an effect",
 }
 
 
