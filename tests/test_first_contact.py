@@ -96,3 +96,26 @@ def test_a_training_launch_prints_no_warning(tiny_data, tmp_path):
                 "trainer.eval_interval=2", "trainer.eval_batches=1", "tracking.enabled=false",
                 f"trainer.run_dir={tmp_path / 'quiet'}", "--nproc-per-node", "2")
     assert not [line for line in p.stderr.splitlines() if "Warning" in line], p.stderr[-3000:]
+
+
+def test_megatron_import_defers_torch_compile_until_first_call():
+    """lazy_compile: importing megatron builds no torch.compile wrapper (no dynamo/inductor import); a deferred
+    function compiles on its first call and returns what the plain function returns."""
+    code = """
+import sys
+from megadiff.dist import lazy_compile
+assert lazy_compile.install()
+import megatron.core.models.gpt
+from megatron.core import jit
+assert 'torch._dynamo' not in sys.modules and 'torch._inductor.compile_fx' not in sys.modules
+assert getattr(jit.jit_fuser(lambda x: x), '__megadiff_lazy_compile__', False)
+import torch
+def f(x):
+    return torch.nn.functional.gelu(x) * 2 + 1
+g = lazy_compile.lazy(torch.compile)(f, backend='eager')
+x = torch.randn(7, dtype=torch.float64)
+assert torch.equal(g(x), f(x)) and 'torch._dynamo' in sys.modules
+print('OK')
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
