@@ -70,6 +70,7 @@ class DataConfig:
     valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]
     shuffle_seed: int = 1234
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    document_mask: bool = False  # attention stays inside each packed document (shards must record doc starts)
 
 
 # ----------------------------------------------------------------------------- model
@@ -87,7 +88,8 @@ class ModelConfig:
     max_seq_len: int = 512
     vocab_size: Optional[int] = None  # real vocab incl. [MASK]; None = read from the data manifest
     tie_embeddings: bool = True
-    attention_backend: str = "auto"  # auto | a backend of megadiff/model/catalog.py (sdpa | flash | te)
+    attention_backend: str = "auto"  # auto | a backend of megadiff/model/catalog.py (sdpa | flex | flash | te; masks: sdpa, flex)
+    reset_position_ids: bool = False  # positions restart at 0 in every packed document (needs data.document_mask)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -98,13 +100,22 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token)
+    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token) | bd3lm
+    block_size: int = 0  # bd3lm: tokens per block (must divide the sequence length); 0 for other objectives
+    mask_rate_min: float = 0.0  # bd3lm clipped schedule: per-block mask rates ~ U[min, max] in training
+    mask_rate_max: float = 1.0
     schedule: str = "loglinear"  # loglinear | linear | cosine | poly
     schedule_power: float = 1.0  # exponent of the poly schedule
     eps: float = 1e-3  # t ~ U(eps, 1)
     antithetic: bool = True  # low-discrepancy time sampling across the global batch
     random_length_prob: float = 0.0  # LLaDA: with this probability crop the batch to a random length
     seed: int = 0  # corruption noise is a function of (seed, step, global sample index)
+    # objective options (each acts only with the objectives whose catalogue traits list it; see docs/diffusion.md)
+    shift: bool = False  # mdlm_adapt: position i predicts token i+1 (AR output alignment, DiffuLLaMA/Dream)
+    complementary: bool = False  # mdlm_adapt, ar_mdlm: each sequence trained with a mask and its complement
+    ar_weight: float = 1.0  # ar_mdlm: weight of the next-token loss
+    diffusion_weight: float = 0.3  # ar_mdlm: weight of the shifted masked-diffusion loss
+    uniform_fraction: float = 0.1  # gidd: share of uniform-token (vs [MASK]) corruption; 1 = uniform diffusion
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -310,6 +321,46 @@ def validate(cfg: Any) -> None:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise MegadiffError(f"config key 'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}")
+    _validate_objective_options(cfg)
+    _validate_blocks(cfg)
+
+
+def _validate_objective_options(cfg: Any) -> None:
+    """diffusion.* objective options: set only with an objective that reads them (its traits' ``options``)."""
+    d, tr = cfg.diffusion, OBJECTIVES.traits(cfg.diffusion.objective)
+    defaults = DiffusionConfig()
+    for key in sorted({k for n in OBJECTIVES.names() for k in OBJECTIVES.traits(n).options}):
+        if d[key] != getattr(defaults, key) and key not in tr.options:
+            users = [n for n in OBJECTIVES.names() if key in OBJECTIVES.traits(n).options]
+            raise MegadiffError(f"config key 'diffusion.{key}' acts only with diffusion.objective in "
+                                f"{', '.join(users)} (it is {d.objective!r}); remove it or change the objective")
+    if d.ar_weight < 0 or d.diffusion_weight < 0 or d.ar_weight + d.diffusion_weight <= 0:
+        raise MegadiffError(f"config keys 'diffusion.ar_weight/diffusion_weight' are {d.ar_weight}/"
+                            f"{d.diffusion_weight}; both must be >= 0 and not both 0 (e.g. 1.0 and 0.3)")
+    if not 0.0 <= d.uniform_fraction <= 1.0:
+        raise MegadiffError(f"config key 'diffusion.uniform_fraction' must be in [0, 1], got {d.uniform_fraction}")
+    if tr.stacks_rows and cfg.parallel.pp > 1:
+        raise MegadiffError(f"diffusion.objective={d.objective} stacks several inputs per sample along the batch, "
+                            f"which pipeline parallelism (parallel.pp={cfg.parallel.pp}) does not size for yet; "
+                            f"use parallel.pp=1")
+
+
+def _validate_blocks(cfg: Any) -> None:
+    """Block-diffusion and document-mask keys: set only where they act, consistent with each other."""
+    d = cfg.diffusion
+    if OBJECTIVES.traits(d.objective).block_diffusion:
+        if d.block_size <= 0 or cfg.data.seq_len % d.block_size:
+            raise MegadiffError(f"config key 'diffusion.block_size' is {d.block_size}; diffusion.objective=bd3lm "
+                                f"needs a block size > 0 that divides data.seq_len={cfg.data.seq_len} (e.g. 16)")
+        if d.random_length_prob > 0:
+            raise MegadiffError("config key 'diffusion.random_length_prob' must be 0 with diffusion.objective=bd3lm "
+                                "(a random crop would break the block grid)")
+        if not 0.0 <= d.mask_rate_min < d.mask_rate_max <= 1.0:
+            raise MegadiffError(f"config keys 'diffusion.mask_rate_min/max' are [{d.mask_rate_min}, "
+                                f"{d.mask_rate_max}]; need 0 <= min < max <= 1")
+    if cfg.model.reset_position_ids and not cfg.data.document_mask:
+        raise MegadiffError("config key 'model.reset_position_ids' is true but data.document_mask is false; "
+                            "positions restart per document only with document masks: set data.document_mask=true")
 
 
 def check_batch_layout(cfg: Any, dp: int) -> int:

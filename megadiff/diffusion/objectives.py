@@ -158,4 +158,4 @@ class Autoregressive(Objective):
 
 def make_objective(cfg_diffusion: Any, schedule: Schedule, mask_id: int, vocab_size: int) -> Objective:
     """Build the objective named by a ``DiffusionConfig``."""
-    return OBJECTIVES.get(cfg_diffusion.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size)
+    return OBJECTIVES.get(cfg_diffusion.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size, cfg=cfg_diffusion)

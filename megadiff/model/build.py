@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megadiff.model.attention import resolve_backend
 from megadiff.model.catalog import ATTENTION_BACKENDS
+from megadiff.model.positions import install as install_positions
 from megadiff.model.presets import ModelShape, padded_vocab_size, resolve_shape
 
 
@@ -98,11 +99,12 @@ class BuiltModel:
 def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: int = 1, pp: int = 1, pg_collection=None,
                 pre_process: bool = True, post_process: bool = True, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                vp_stage: Optional[int] = None) -> BuiltModel:
+                vp_stage: Optional[int] = None, masked: bool = False) -> BuiltModel:
     """Build this rank's part of the model (all of it when tp = pp = 1); ``causal`` for an autoregressive
-    objective (``config.is_causal``), bidirectional otherwise."""
+    objective (``config.is_causal``), bidirectional otherwise. ``masked``: the run feeds document / block
+    masks (``auto`` then picks a backend that applies them)."""
     shape = resolve_shape(model_cfg)
-    backend = resolve_backend(model_cfg.attention_backend, device)
+    backend = resolve_backend(model_cfg.attention_backend, device, masked=masked)
     config = transformer_config(shape, model_cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
                                 dtype=dtype, cpu_init=True)
     vpad = padded_vocab_size(vocab_size, tp)
@@ -120,6 +122,7 @@ def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: in
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    install_positions(model)  # RoPE follows position_ids (packed documents, BD3-LM, KV-cached sampling)
     if device != "cpu":
         model = model.to(device)
     return BuiltModel(model, shape, vocab_size, vpad, backend, config)

@@ -75,7 +75,8 @@ class Trainer:
         # megatron marks the embedding/output shards allow_shape_mismatch (rows beyond the vocab are unused)
         built = build_model(cfg.model, self.info.vocab_size, causal=causal, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
+                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel,
+                            masked=bool(cfg.data.document_mask or cfg.diffusion.block_size))
         self.built = built
         tconf = built.config
         tconf.calculate_per_token_loss = True
@@ -89,10 +90,13 @@ class Trainer:
         # objective
         self.schedule = make_schedule(cfg.diffusion)
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
-        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed)
+        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
+                              document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids)
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
+        if self.objective.traits.block_diffusion:  # the model reads [x_t ‖ x_0]: 2 positions per data token
+            self.flops_tok = 2 * flops_per_token(built.shape, built.padded_vocab_size, 2 * self.seq_len, causal=causal)
         peak = tc.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name()) if ctx.device.type == "cuda" else 0)
         self.peak_tflops = float(peak or 0.0)
         self.max_steps = tc.max_steps
@@ -217,7 +221,8 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         sc = StepContext(self.objective.for_validation(), self.cfg.diffusion, gb,
                          noise_seed=10_000 + self.cfg.diffusion.seed,
-                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps))
+                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps),
+                         document_mask=self.sc.document_mask, reset_position_ids=self.sc.reset_position_ids)
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
