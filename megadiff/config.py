@@ -169,6 +169,8 @@ class TrainerConfig:
     save_interval: int = 100  # 0 disables periodic saves (a final save still happens)
     keep_last: int = 3  # retention: keep the last K checkpoints
     keep_every: int = 0  # ... and every M-th step (0: none)
+    async_save: bool = False  # write checkpoints in a background process (megatron dist_checkpointing async)
+    resume: str = "latest"  # latest | latest_valid (fall back to the newest checkpoint that verifies) | step_XXXXXX
     max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
     stop_after: int = 0  # >0: save and exit 75 (requeue) when a run reaches this step; a rerun goes on past it
     steps_per_invocation: int = 0  # >0: each invocation trains at most this many steps, saves, exits 75 (chunked jobs)
@@ -221,7 +223,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their tor
 # read back, refused with the reason when a user passes them.
 RETIRED_KEYS = {
     "model.causal": "the objective decides the attention mask (diffusion.objective=ar is causal)",
-    "trainer.async_save": "checkpoint saves are synchronous; the key never had an effect",
 }
 
 
@@ -255,27 +256,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     schema = OmegaConf.structured(MegadiffConfig)
     cfg = schema
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
-            try:
-                loaded = OmegaConf.load(p)
-            except Exception as e:  # yaml syntax errors
-                raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax errors
+            raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        try:
             cfg = OmegaConf.merge(cfg, loaded)
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise MegadiffError(f"override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
-        for ov in overrides or []:
-            key, value = ov.split("=", 1)
-            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"config file {str(p)!r}") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise MegadiffError(f"command-line override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
+    for ov in overrides or []:
+        key, value = ov.split("=", 1)
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        try:
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-    except OmegaConfBaseException as e:
-        raise _explain(e, schema, str(path) if path else "overrides") from None
+        except OmegaConfBaseException as e:
+            raise _explain(e, cfg, f"command-line override {ov!r}") from None
     validate(cfg)
+    _check_resume(cfg.trainer.resume)
     return cfg  # type: ignore[return-value]
+
+
+def _check_resume(value: str) -> None:
+    if value not in ("latest", "latest_valid") and not re.fullmatch(r"step_\d{6,}", str(value)):
+        raise MegadiffError(f"config key 'trainer.resume' is {value!r}; allowed: latest, latest_valid or a step "
+                            f"directory name such as step_000280 (`megadiff checkpoint verify RUN_DIR` lists them)")
 
 
 def validate(cfg: Any) -> None:

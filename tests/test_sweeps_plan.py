@@ -143,7 +143,7 @@ def test_plan_imports_no_torch(tmp_path):
     ({"models": {"custom": [], "presets": ["huge"]}}, "unknown preset 'huge'"),
     ({"hparams": {"schedule": "step"}}, "allowed: wsd, cosine"),
     ({"vocab_size": None}, "needs the data's vocab size"),
-    ({"budget": [1e10]}, "budget"),
+    ({"budget": [1e10]}, r"sweep\.yaml: Key 'budget' not in 'SweepSpec'"),
 ])
 def test_bad_sweep_files(tmp_path, over, msg):
     with pytest.raises(MegadiffError, match=msg):

@@ -104,14 +104,14 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0  # non-finite steps whose update was skipped
-        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every)
+        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every, async_save=tc.async_save)
         self.preemption = cb.Preemption(tc.max_wall_minutes)
         self.callbacks: list[cb.Callback] = [self.preemption, *(callbacks or [])]
         self.resume()
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> None:
-        step = self.ckpt.latest_step()
+        step = self.ckpt.resume_step(self.cfg.trainer.resume)
         if step is None:
             return
         extra = self.ckpt.load(step, self.model, self.optimizer)
@@ -186,10 +186,12 @@ class Trainer:
                 stats = self.train_step()
                 for c in self.callbacks:
                     c.on_step_end(self, stats)
+                self.ckpt.poll()  # an async save in flight: finalised (latest moved) once every rank wrote it
                 if self.preemption.requested:
                     reason = "preempted"
                     break
             self.save()
+            self.ckpt.wait()
             for c in self.callbacks:
                 c.on_train_end(self, reason)
         finally:
@@ -253,7 +255,10 @@ def _has_split(ref) -> bool:
 
 def run_training(cfg: Any, callbacks: list[cb.Callback] | None = None) -> int:
     """Train with these callbacks; returns the process exit code (0 done, 75 preempted)."""
-    trainer = Trainer(cfg, callbacks)
+    from megadiff.checkpoint.rundir import remove_if_setup_fails
+
+    with remove_if_setup_fails(cfg.trainer.run_dir):
+        trainer = Trainer(cfg, callbacks)
     reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
 
