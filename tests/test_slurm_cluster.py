@@ -205,7 +205,7 @@ def test_bad_input_against_the_real_cluster_submits_nothing(cluster, tmp_path):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # python but no sbatch
     out = subprocess.run(mega + ["--cluster", "local"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and "sbatch not found on PATH" in out.stderr, out.stderr
-    assert not (tmp_path / "r").exists() and not _queued(slurm._job_name(tmp_path / "r"))
+    assert not (tmp_path / "r").exists() and not _queued(slurm.job_name(tmp_path / "r"))
 
 
 RAY_DRIVER = (
