@@ -89,7 +89,7 @@ def test_trivial_job_two_tasks_runs_and_leaves_per_node_logs(cluster, tmp_path, 
     assert (rd / "slurm" / "job-000.sbatch").is_file()
     logs = slurm.log_files(rd)
     names = [p.name for p in logs]
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    host = slurm.job_state(sub.job_id)["members"][0]["NodeList"]  # a one-node job: one node name
     assert f"slurm-{sub.job_id}.out" in names and f"job{sub.job_id}-r0-{host}.log" in names, names
     assert "finished" in (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
     st = slurm.status(rd)

@@ -262,8 +262,10 @@ healthy() {
 start_slurmd() {
   local n=$1
   # nsenter on the handle `ip netns add` made (not `ip netns exec`: that remounts /sys, and slurmd
-  # then fails on the hybrid cgroup mounts)
-  nsenter --net="/run/netns/$(node_ns "$n")" slurmd -f "$CONF" -N "$n"
+  # then fails on the hybrid cgroup mounts); its own UTS namespace gives the node its own hostname
+  # (per-node log names, what a job sees as `hostname`); the name need not resolve: rendezvous uses NodeAddr
+  nsenter --net="/run/netns/$(node_ns "$n")" unshare --uts sh -c 'hostname "$1" && exec slurmd -f "$2" -N "$1"' \
+    slurmd-in-ns "$n" "$CONF"
 }
 
 cmd_start() {
