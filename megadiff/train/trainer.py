@@ -257,12 +257,14 @@ def _has_split(ref) -> bool:
 
 def run_training(cfg: Any) -> int:
     """Entry point used by `megadiff train`: returns the process exit code."""
-    trainer = Trainer(cfg)
-    reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
+    from megadiff.utils.runlock import hold_run_dir
 
-    cb.barrier()
-    destroy_parallel()
+    with hold_run_dir(cfg.trainer.run_dir):  # one writer per run dir (rank 0 holds it)
+        trainer = Trainer(cfg)
+        reason = trainer.fit()
+        cb.barrier()
+        destroy_parallel()
     return cb.REQUEUE_EXIT_CODE if reason == "preempted" else 0
 
 
