@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A two-node Slurm test cluster on one machine: tools/local_slurm.sh start|stop|restart|status|env
+# A two-node Slurm test cluster on one machine: tools/local_slurm.sh start|stop|restart|status|env|lose-node NODE
 #
 # Two compute nodes (mdnode1, mdnode2), each a slurmd in its own network namespace (mdslurm-n1/-n2)
 # with its own address (10.87.0.11/.12) on a bridge (mdslurm-br0, 10.87.0.1 on the host side, where
@@ -205,7 +205,7 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=20
+SlurmdTimeout=10
 MaxArraySize=1001
 ${nodelines%$'\n'}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
@@ -280,14 +280,19 @@ cmd_start() {
     log "already running; $(node_states | tr '\n' ' ')"
     return 0
   fi
-  if [ "$changed" = 1 ]; then log "configuration changed; (re)starting the daemons"; fi
   local n
-  for n in "${NODES[@]}"; do stop_daemon "$(slurmd_pidfile "$n")" slurmd; done
-  stop_daemon "$CTLD_PID" slurmctld
-  # -c: forget jobs of an earlier run of this test cluster
-  slurmctld -c -f "$CONF"
-  for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
-  for n in "${NODES[@]}"; do start_slurmd "$n"; done
+  if [ "$changed" = 1 ] || ! alive "$CTLD_PID" slurmctld; then
+    if [ "$changed" = 1 ]; then log "configuration changed: (re)starting the daemons"; else log "starting the daemons"; fi
+    changed=1
+    for n in "${NODES[@]}"; do stop_daemon "$(slurmd_pidfile "$n")" slurmd; done
+    stop_daemon "$CTLD_PID" slurmctld
+    # -c: forget jobs of an earlier run of this test cluster
+    slurmctld -c -f "$CONF"
+    for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
+  for n in "${NODES[@]}"; do  # on a running controller: bring back only the nodes that were lost
+    alive "$(slurmd_pidfile "$n")" slurmd || { [ "$changed" = 1 ] || log "restarting lost node $n"; start_slurmd "$n"; }
+  done
   local i ok
   for i in $(seq 300); do
     ok=1
@@ -324,6 +329,17 @@ cmd_stop() {
   log "stopped"
 }
 
+cmd_lose_node() {  # a node lost as a whole: SIGKILL everything in its namespace (slurmd, slurmstepd, job steps)
+  need_root
+  local n=${1:?usage: $0 lose-node mdnode1|mdnode2} ns pids
+  ns=$(node_ns "$n")
+  [ -e "/run/netns/$ns" ] || { log "no node $n"; exit 1; }
+  pids=$(ip netns pids "$ns")
+  # shellcheck disable=SC2086
+  [ -z "$pids" ] || kill -KILL $pids
+  log "node $n lost (killed: $(echo $pids | wc -w) processes); \`$0 start\` brings it back"
+}
+
 cmd_status() {
   local ok=0 d n
   local daemons=("slurmctld:$CTLD_PID" "munged:$MUNGE_PID")
@@ -340,6 +356,7 @@ case "${1:-}" in
   stop) cmd_stop ;;
   restart) cmd_stop; cmd_start ;;
   status) cmd_status ;;
+  lose-node) cmd_lose_node "${2:-}" ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 start|stop|restart|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|status|env|lose-node NODE" >&2; exit 2 ;;
 esac
