@@ -4,7 +4,10 @@ set -euo pipefail
 PY=${1:-.venv/bin/python}; shift || true
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+# the test cluster is stopped at the end (nothing left running) unless LOCAL_SLURM_KEEP=1
 if [ -x tools/local_slurm.sh ]; then
   bash tools/local_slurm.sh start || echo "warning: local Slurm cluster did not start; slurm tests will fail" >&2
+  eval "$(bash tools/local_slurm.sh env)"
+  [ "${LOCAL_SLURM_KEEP:-0}" = 1 ] || trap 'bash tools/local_slurm.sh stop' EXIT
 fi
-exec "$PY" -m pytest -q "$@"
+"$PY" -m pytest -q "$@"
