@@ -43,7 +43,6 @@ class ClusterProfile:
     requeue: str = "requeue"  # requeue (scontrol requeue) | chain (--dependency=singleton) | none
     python: str = "auto"  # interpreter inside the job; auto: the one running `megadiff slurm`
     container_image: Optional[str] = None  # pyxis --container-image (squashfs path or registry image)
-    container_recipe: Optional[str] = None  # how the image is built (e.g. slurm/container/Dockerfile); docs only
     container_mounts: List[str] = field(default_factory=list)  # pyxis --container-mounts entries
     container_workdir: Optional[str] = None  # pyxis --container-workdir (default: submit dir)
     setup: List[str] = field(default_factory=list)  # shell lines run first (module load, venv activate)

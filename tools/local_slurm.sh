@@ -294,7 +294,7 @@ cmd_start() {
     alive "$(slurmd_pidfile "$n")" slurmd || { [ "$changed" = 1 ] || log "restarting lost node $n"; start_slurmd "$n"; }
   done
   local i ok
-  for i in $(seq 300); do
+  for i in $(seq 600); do
     ok=1
     for n in "${NODES[@]}"; do
       case "$(sinfo -h -n "$n" -o %T 2>/dev/null | head -1)" in
@@ -308,10 +308,10 @@ cmd_start() {
       log "clients need: export SLURM_CONF=$CONF   (or: eval \$(tools/local_slurm.sh env))"
       return 0
     fi
-    [ "$i" = 300 ] || sleep 0.1
+    [ "$i" = 600 ] || sleep 0.1
   done
   log "nodes did not become idle ($(node_states | tr '\n' ' ')); see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd-*.log"
-  tail -5 "$LOG_DIR/slurmctld.log" "$LOG_DIR"/slurmd-*.log >&2 || true
+  tail -n 5 "$LOG_DIR/slurmctld.log" "$LOG_DIR"/slurmd-*.log >&2 || true
   exit 1
 }
 
