@@ -1,5 +1,6 @@
 """The Slurm launcher against the real local cluster (tools/local_slurm.sh start): submission, fake GPUs,
-job arrays, dependency chains, the SIGUSR1 -> checkpoint -> exit 75 -> requeue path, cancel, bad input.
+job arrays, dependency chains, the SIGUSR1 -> checkpoint -> exit 75 -> requeue path, cancel, bad input
+(the Ray data-pipeline template runs across both nodes in test_slurm_ray.py).
 
 The trainer stand-in below is a small program with the trainer's signal/exit-code contract (SIGUSR1 or
 SIGTERM: save, exit 75; resume from its saved state). It tests the batch script's trap/forward/requeue
@@ -206,26 +207,6 @@ def test_bad_input_against_the_real_cluster_submits_nothing(cluster, tmp_path):
     out = subprocess.run(mega + ["--cluster", "local"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and "sbatch not found on PATH" in out.stderr, out.stderr
     assert not (tmp_path / "r").exists() and not _queued(slurm.job_name(tmp_path / "r"))
-
-
-RAY_DRIVER = (
-    "import json, ray; ray.init(log_to_driver=False); "
-    "print('RAY', json.dumps({'cpus': ray.cluster_resources().get('CPU'), "
-    "'task': ray.get(ray.remote(lambda: 41 + 1).remote())}))"
-)
-
-
-@pytest.mark.slow
-def test_data_pipeline_template_runs_a_ray_cluster_inside_the_allocation(cluster, tmp_path):
-    """The Ray head starts in the job, a driver reaches it through RAY_ADDRESS (token auth), Ray is stopped."""
-    rd = tmp_path / "data"
-    req = JobRequest(name="md-test-ray", run_dirs=[rd], commands=[[sys.executable, "-c", RAY_DRIVER]],
-                     tasks_per_node=1, cpus_per_task=2, template="data_pipeline", requeue="none", time="00:05:00")
-    sub = slurm.submit(req, cluster)
-    states = slurm.wait(sub.job_ids, timeout=240)
-    out = (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
-    assert _member_states(states) == ["COMPLETED"], out
-    assert 'RAY {"cpus": 2.0, "task": 42}' in out and "pipeline exited with code 0; stopping Ray" in out
 
 
 @pytest.mark.slow

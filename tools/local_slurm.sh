@@ -298,13 +298,13 @@ cmd_start() {
     ok=1
     for n in "${NODES[@]}"; do
       case "$(sinfo -h -n "$n" -o %T 2>/dev/null | head -1)" in
-        idle) ;;
+        idle|mixed|allocated|completing) ;;  # up (a lost node's last job may still be completing elsewhere)
         down*|drain*|drained*) ok=0; scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true ;;
         *) ok=0 ;;
       esac
     done
     if [ $ok = 1 ]; then
-      log "nodes idle: $(sinfo -h -N -o '%N(%c CPUs, %G)' | sort -u | tr '\n' ' ')"
+      log "nodes up: $(sinfo -h -N -o '%N(%c CPUs, %G)' | sort -u | tr '\n' ' ')"
       log "clients need: export SLURM_CONF=$CONF   (or: eval \$(tools/local_slurm.sh env))"
       return 0
     fi
