@@ -10,6 +10,7 @@ logic with real sbatch/srun/scontrol; the real trainer runs in test_slurm_train.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -223,3 +224,43 @@ def test_time_limit_signal_saves_and_requeues_until_done(cluster, tmp_path, stan
     ev = _events(rd, 0)
     assert m["JobState"] == "COMPLETED" and int(m["Restarts"]) >= 1 and ev[-1] == "done 700", (m, ev)
     assert sum(e.startswith("signal USR1") for e in ev) == int(m["Restarts"])
+
+
+def _procs(names: set[str]) -> list[str]:
+    """Processes named one of ``names``, and the `sleep 314` of the test's job."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            comm, cmd = (d / "comm").read_text().strip(), (d / "cmdline").read_text()
+        except OSError:
+            continue
+        if d.name.isdigit() and (comm in names or (comm == "sleep" and cmd.endswith("\0" "314\0"))):
+            out.append(f"{d.name}:{comm}")
+    return out
+
+
+def test_start_refuses_next_to_a_foreign_slurmctld_and_stop_leaves_nothing_running(cluster, tmp_path):
+    script = str(REPO / "tools" / "local_slurm.sh")
+    fake = tmp_path / "slurmctld"  # a process named slurmctld that the script did not start
+    shutil.copy("/bin/sleep", fake)
+    foreign = subprocess.Popen([str(fake), "60"])
+    try:
+        out = subprocess.run(["bash", script, "start"], capture_output=True, text=True)
+    finally:
+        foreign.kill()
+        foreign.wait()
+    assert out.returncode == 1 and f"a slurmctld not started by this script is running (pid {foreign.pid})" in out.stderr
+    # a job step left running when the cluster stops is killed with it
+    job = subprocess.run(["sbatch", "--parsable", "-N", "2", "-o", str(tmp_path / "%j.out"), "--wrap", "srun sleep 314"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        _wait_for(lambda: len(_procs(set())) >= 2 or None, 60, f"job {job} running")  # one per node
+        out = subprocess.run(["bash", script, "stop"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert _procs({"slurmctld", "slurmd", "slurmstepd", "munged"}) == []
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert "mdslurm" not in links and not list(Path("/run/netns").glob("mdslurm-*"))
+    finally:
+        subprocess.run(["bash", script, "start"], check=True, timeout=120)
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True).stdout.split("\n")
+    assert sorted(n for n in nodes if n) == ["mdnode1 idle", "mdnode2 idle"]
