@@ -318,7 +318,7 @@ cmd_start() {
 cmd_stop() {
   need_root
   if alive "$CTLD_PID" slurmctld; then
-    scancel --full --quiet "$(squeue -h -o %A | tr '\n' ' ')" >/dev/null 2>&1 || true
+    squeue -h -o %A 2>/dev/null | xargs -r scancel --full --quiet >/dev/null 2>&1 || true
   fi
   kill_namespace_processes  # slurmds, slurmstepds, job steps, Ray
   local n
