@@ -6,8 +6,11 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 # the test cluster is stopped at the end (nothing left running) unless LOCAL_SLURM_KEEP=1
 if [ -x tools/local_slurm.sh ]; then
-  bash tools/local_slurm.sh start || echo "warning: local Slurm cluster did not start; slurm tests will fail" >&2
-  eval "$(bash tools/local_slurm.sh env)"
-  [ "${LOCAL_SLURM_KEEP:-0}" = 1 ] || trap 'bash tools/local_slurm.sh stop' EXIT
+  if bash tools/local_slurm.sh start; then
+    eval "$(bash tools/local_slurm.sh env)"
+    [ "${LOCAL_SLURM_KEEP:-0}" = 1 ] || trap 'bash tools/local_slurm.sh stop' EXIT
+  else
+    echo "warning: local Slurm cluster did not start; slurm tests will fail" >&2
+  fi
 fi
 "$PY" -m pytest -q "$@"
