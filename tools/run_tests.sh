@@ -7,13 +7,15 @@ set -euo pipefail
 PY=${1:-.venv/bin/python}; shift || true
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+# the test cluster is stopped at the end (nothing left running) unless LOCAL_SLURM_KEEP=1
 if [ -x tools/local_slurm.sh ]; then
-  if ! bash tools/local_slurm.sh start; then
-    if [ -n "${CI:-}" ]; then
-      echo "error: the local Slurm cluster did not start; with \$CI set the Slurm tests will fail" >&2
-    else
-      echo "warning: the local Slurm cluster did not start; the Slurm tests will be skipped (set CI=1 to fail them instead)" >&2
-    fi
+  if bash tools/local_slurm.sh start; then
+    eval "$(bash tools/local_slurm.sh env)"
+    [ "${LOCAL_SLURM_KEEP:-0}" = 1 ] || trap 'bash tools/local_slurm.sh stop' EXIT
+  elif [ -n "${CI:-}" ]; then
+    echo "error: the local Slurm cluster did not start; with \$CI set the Slurm tests will fail" >&2
+  else
+    echo "warning: the local Slurm cluster did not start; the Slurm tests will be skipped (set CI=1 to fail them instead)" >&2
   fi
 fi
-exec "$PY" -m pytest -q "$@"
+"$PY" -m pytest -q "$@"

@@ -14,13 +14,23 @@ from pathlib import Path
 from typing import Iterator
 
 
+class SetUp:
+    """Call ``done()`` once set-up succeeded: a later failure keeps the directory (metrics, logs)."""
+
+    finished = False
+
+    def done(self) -> None:
+        self.finished = True
+
+
 @contextlib.contextmanager
-def remove_if_setup_fails(run_dir: str | os.PathLike) -> Iterator[None]:
+def remove_if_setup_fails(run_dir: str | os.PathLike) -> Iterator[SetUp]:
     path = Path(run_dir)
     created_here = not path.exists() and os.environ.get("RANK", "0") == "0"
+    setup = SetUp()
     try:
-        yield
+        yield setup
     except BaseException:
-        if created_here and path.exists() and not (path / "checkpoints").exists():
+        if created_here and not setup.finished and path.exists() and not (path / "checkpoints").exists():
             shutil.rmtree(path, ignore_errors=True)
         raise

@@ -256,14 +256,17 @@ def _has_split(ref) -> bool:
 def run_training(cfg: Any, callbacks: list[cb.Callback] | None = None) -> int:
     """Train with these callbacks; returns the process exit code (0 done, 75 preempted)."""
     from megadiff.checkpoint.rundir import remove_if_setup_fails
-
-    with remove_if_setup_fails(cfg.trainer.run_dir):
-        trainer = Trainer(cfg, callbacks)
-    reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
+    from megadiff.utils.runlock import hold_run_dir
 
-    cb.barrier()
-    destroy_parallel()
+    # a run dir this launch created is removed if set-up fails (after the lock inside it is released)
+    with remove_if_setup_fails(cfg.trainer.run_dir) as setup:
+        with hold_run_dir(cfg.trainer.run_dir):  # one writer per run dir (rank 0 holds it)
+            trainer = Trainer(cfg, callbacks)
+            setup.done()
+            reason = trainer.fit()
+            cb.barrier()
+            destroy_parallel()
     return EXIT_REQUEUE if reason == "preempted" else 0
 
 
