@@ -1,6 +1,6 @@
 """`megadiff slurm submit|status|logs|cancel|data-pipeline`: run megadiff on a Slurm cluster.
 
-No torch/megatron/ray import here or in launch.slurm: submission takes a second on a login node.
+No torch/megatron/ray import here or in launch/: submission takes a second on a login node.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def register(sub) -> None:
                         formatter_class=fmt)
     d.add_argument("config")
     d.add_argument("overrides", nargs="*")
-    d.add_argument("--cluster", required=True, help="profile name in slurm/clusters/ or a YAML path")
+    d.add_argument("--cluster", default=None,
+                   help="profile name in slurm/clusters/ or a YAML path (optional with --dry-run)")
     d.add_argument("--nodes", type=int, default=1)
     d.add_argument("--cpus-per-node", type=int, default=None,
                    help="CPUs per node for Ray (default: the profile's gpus_per_node x cpus_per_gpu)")
@@ -71,7 +72,8 @@ def register(sub) -> None:
 
 
 def _resources(s) -> None:
-    s.add_argument("--cluster", required=True, help="profile name in slurm/clusters/ or a YAML path")
+    s.add_argument("--cluster", default=None,
+                   help="profile name in slurm/clusters/ or a YAML path (optional with --dry-run: generic defaults)")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's gpus_per_node")
     s.add_argument("--time", default=None, help="HH:MM:SS (default: the profile's)")

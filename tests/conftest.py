@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SLURM_CONF = "/etc/megadiff-slurm/slurm.conf"  # the test cluster's own config (tools/local_slurm.sh)
+if "SLURM_CONF" not in os.environ and os.path.exists(LOCAL_SLURM_CONF):
+    os.environ["SLURM_CONF"] = LOCAL_SLURM_CONF
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 

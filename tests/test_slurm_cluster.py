@@ -1,5 +1,6 @@
 """The Slurm launcher against the real local cluster (tools/local_slurm.sh start): submission, fake GPUs,
-job arrays, dependency chains, the SIGUSR1 -> checkpoint -> exit 75 -> requeue path, cancel, bad input.
+job arrays, dependency chains, the SIGUSR1 -> checkpoint -> exit 75 -> requeue path, cancel, bad input
+(the Ray data-pipeline template runs across both nodes in test_slurm_ray.py).
 
 The trainer stand-in below is a small program with the trainer's signal/exit-code contract (SIGUSR1 or
 SIGTERM: save, exit 75; resume from its saved state). It tests the batch script's trap/forward/requeue
@@ -9,6 +10,7 @@ logic with real sbatch/srun/scontrol; the real trainer runs in test_slurm_train.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,7 +91,7 @@ def test_trivial_job_two_tasks_runs_and_leaves_per_node_logs(cluster, tmp_path, 
     assert (rd / "slurm" / "job-000.sbatch").is_file()
     logs = slurm.log_files(rd)
     names = [p.name for p in logs]
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    host = slurm.job_state(sub.job_id)["members"][0]["NodeList"]  # a one-node job: one node name
     assert f"slurm-{sub.job_id}.out" in names and f"job{sub.job_id}-r0-{host}.log" in names, names
     assert "finished" in (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
     st = slurm.status(rd)
@@ -205,27 +207,7 @@ def test_bad_input_against_the_real_cluster_submits_nothing(cluster, tmp_path):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # python but no sbatch
     out = subprocess.run(mega + ["--cluster", "local"], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2 and "sbatch not found on PATH" in out.stderr, out.stderr
-    assert not (tmp_path / "r").exists() and not _queued(slurm._job_name(tmp_path / "r"))
-
-
-RAY_DRIVER = (
-    "import json, ray; ray.init(log_to_driver=False); "
-    "print('RAY', json.dumps({'cpus': ray.cluster_resources().get('CPU'), "
-    "'task': ray.get(ray.remote(lambda: 41 + 1).remote())}))"
-)
-
-
-@pytest.mark.slow
-def test_data_pipeline_template_runs_a_ray_cluster_inside_the_allocation(cluster, tmp_path):
-    """The Ray head starts in the job, a driver reaches it through RAY_ADDRESS (token auth), Ray is stopped."""
-    rd = tmp_path / "data"
-    req = JobRequest(name="md-test-ray", run_dirs=[rd], commands=[[sys.executable, "-c", RAY_DRIVER]],
-                     tasks_per_node=1, cpus_per_task=2, template="data_pipeline", requeue="none", time="00:05:00")
-    sub = slurm.submit(req, cluster)
-    states = slurm.wait(sub.job_ids, timeout=240)
-    out = (rd / "logs" / f"slurm-{sub.job_id}.out").read_text()
-    assert _member_states(states) == ["COMPLETED"], out
-    assert 'RAY {"cpus": 2.0, "task": 42}' in out and "pipeline exited with code 0; stopping Ray" in out
+    assert not (tmp_path / "r").exists() and not _queued(slurm.job_name(tmp_path / "r"))
 
 
 @pytest.mark.slow
@@ -242,3 +224,43 @@ def test_time_limit_signal_saves_and_requeues_until_done(cluster, tmp_path, stan
     ev = _events(rd, 0)
     assert m["JobState"] == "COMPLETED" and int(m["Restarts"]) >= 1 and ev[-1] == "done 700", (m, ev)
     assert sum(e.startswith("signal USR1") for e in ev) == int(m["Restarts"])
+
+
+def _procs(names: set[str]) -> list[str]:
+    """Processes named one of ``names``, and the `sleep 314` of the test's job."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            comm, cmd = (d / "comm").read_text().strip(), (d / "cmdline").read_text()
+        except OSError:
+            continue
+        if d.name.isdigit() and (comm in names or (comm == "sleep" and cmd.endswith("\0" "314\0"))):
+            out.append(f"{d.name}:{comm}")
+    return out
+
+
+def test_start_refuses_next_to_a_foreign_slurmctld_and_stop_leaves_nothing_running(cluster, tmp_path):
+    script = str(REPO / "tools" / "local_slurm.sh")
+    fake = tmp_path / "slurmctld"  # a process named slurmctld that the script did not start
+    shutil.copy("/bin/sleep", fake)
+    foreign = subprocess.Popen([str(fake), "60"])
+    try:
+        out = subprocess.run(["bash", script, "start"], capture_output=True, text=True)
+    finally:
+        foreign.kill()
+        foreign.wait()
+    assert out.returncode == 1 and f"a slurmctld not started by this script is running (pid {foreign.pid})" in out.stderr
+    # a job step left running when the cluster stops is killed with it
+    job = subprocess.run(["sbatch", "--parsable", "-N", "2", "-o", str(tmp_path / "%j.out"), "--wrap", "srun sleep 314"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        _wait_for(lambda: len(_procs(set())) >= 2 or None, 60, f"job {job} running")  # one per node
+        out = subprocess.run(["bash", script, "stop"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert _procs({"slurmctld", "slurmd", "slurmstepd", "munged"}) == []
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert "mdslurm" not in links and not list(Path("/run/netns").glob("mdslurm-*"))
+    finally:
+        subprocess.run(["bash", script, "start"], check=True, timeout=120)
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True).stdout.split("\n")
+    assert sorted(n for n in nodes if n) == ["mdnode1 idle", "mdnode2 idle"]

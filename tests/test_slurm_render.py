@@ -49,11 +49,23 @@ def test_unknown_profile_names_the_available_ones():
         slurm.load_profile("nope")
 
 
-def test_profile_with_unknown_key_is_rejected(tmp_path):
+def test_profile_with_unknown_key_or_wrong_type_names_the_file_and_key(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("gpus_per_node: 2\npartion: gpu\n")
-    with pytest.raises(MegadiffError, match="unknown keys.*partion"):
+    with pytest.raises(MegadiffError, match=rf"cluster profile '{p}': unknown key 'partion'; allowed keys: .*partition"):
         slurm.load_profile(str(p))
+    p.write_text("gpus_per_node: eight\n")
+    with pytest.raises(MegadiffError, match=rf"cluster profile '{p}': bad value for key 'gpus_per_node'"):
+        slurm.load_profile(str(p))
+    p.write_text("env: [NCCL_DEBUG]\n")
+    with pytest.raises(MegadiffError, match=rf"cluster profile '{p}': bad value for key 'env'"):
+        slurm.load_profile(str(p))
+    p.write_text("requeue: sometimes\n")
+    with pytest.raises(MegadiffError, match="key 'requeue' must be one of requeue, chain, none"):
+        slurm.load_profile(str(p))
+    p.write_text("gpus_per_node: '4'\nenv: {A: 1}\n")  # omegaconf converts what it can, like run configs
+    prof = slurm.load_profile(str(p))
+    assert isinstance(prof, slurm.ClusterProfile) and prof.gpus_per_node == 4 and prof.name == "bad"
 
 
 def test_pyxis_container_profile_renders_container_options(tmp_path):
@@ -66,7 +78,7 @@ def test_pyxis_container_profile_renders_container_options(tmp_path):
                  "--partition=gpu", "--qos=normal", "--mem-per-gpu=200G", "--exclusive", "--requeue"):
         assert f"#SBATCH {line}\n" in text, line
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert "RANK=$SLURM_PROCID" in text and 'MASTER_ADDR=$(scontrol show hostnames' in text
+    assert "RANK=$SLURM_PROCID" in text and 'FIRST_NODE=$(scontrol show hostnames' in text
 
 
 def test_chain_mode_uses_singleton_dependency_and_no_requeue(tmp_path):
@@ -92,8 +104,8 @@ def test_impossible_requests_fail_before_submission(tmp_path):
     prof = slurm.load_profile("local")
     with pytest.raises(MegadiffError, match="--gpus-per-node 3 is impossible.*2 GPU"):
         slurm.check_request(_req(tmp_path, gpus_per_node=3), prof)
-    with pytest.raises(MegadiffError, match="exceeds the 1 nodes"):
-        slurm.check_request(_req(tmp_path, nodes=2), prof)
+    with pytest.raises(MegadiffError, match="exceeds the 2 nodes"):
+        slurm.check_request(_req(tmp_path, nodes=3), prof)
     with pytest.raises(MegadiffError, match="not a Slurm time"):
         slurm.check_request(_req(tmp_path, time="ten minutes"), prof)
     # against the nodes as scontrol reports them (the profile may promise more than the cluster has)
@@ -107,10 +119,10 @@ def test_impossible_requests_fail_before_submission(tmp_path):
 
 
 def test_gres_parsing():
-    assert slurm._gres_gpus("gpu:2") == 2
-    assert slurm._gres_gpus("gpu:h100:8(S:0-1)") == 8
-    assert slurm._gres_gpus("gpu:a100:4,gpu:v100:2") == 6
-    assert slurm._gres_gpus("(null)") == 0
+    assert slurm.gres_gpus("gpu:2") == 2
+    assert slurm.gres_gpus("gpu:h100:8(S:0-1)") == 8
+    assert slurm.gres_gpus("gpu:a100:4,gpu:v100:2") == 6
+    assert slurm.gres_gpus("(null)") == 0
 
 
 def test_sbatch_missing_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
@@ -179,3 +191,56 @@ def test_register_adds_the_slurm_group():
     cli.register(sub)
     a = p.parse_args(["slurm", "status", "/x"])
     assert a.func is cli.cmd_status
+
+
+def test_dry_run_without_cluster_uses_generic_defaults_and_absolute_paths(tmp_path, monkeypatch):
+    """No --cluster on a dry run: no partition, no node checks; every data path and --chdir absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "megadiff.cli", "slurm", "submit", TINY, "trainer.run_dir=runs/r",
+         "data.out_dir=data/shards", "data.valid=[{path: data/other, split: valid}]", "trainer.global_batch=64", "--nodes", "2",
+         "--gpus-per-node", "4", "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path / "sub", env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "#SBATCH --partition" not in text and "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=4" in text
+    assert f"#SBATCH --chdir={(tmp_path / 'sub').resolve()}\n" in text
+    assert "--kill-on-bad-exit=1" in text and "--kill-on-bad-exit=0" not in text
+    assert f"train {tmp_path}/sub/runs/r/slurm/config.yaml" in text
+    assert not (tmp_path / "sub" / "runs").exists()
+    run_dir, _, cfg = slurm.prepare_run(RunSpec(TINY, ["trainer.run_dir=runs/r", "data.out_dir=data/shards",
+                                                       "data.valid=[{path: data/other, split: valid}]"]), write=False)
+    assert cfg.data.out_dir == str(tmp_path / "data" / "shards")
+    assert cfg.data.valid[0].path == str(tmp_path / "data" / "other") and run_dir == tmp_path / "runs" / "r"
+    # without --dry-run the cluster is required
+    with pytest.raises(MegadiffError, match="--cluster is required to submit"):
+        slurm.submit_train(RunSpec(TINY, ["trainer.run_dir=runs/r"]), None)
+
+
+def test_rendezvous_uses_the_first_nodes_address(tmp_path):
+    text = slurm.render(_req(tmp_path, nodes=2, gpus_per_node=2), slurm.load_profile("local"))
+    assert 'scontrol show node -o "$FIRST_NODE"' in text and "NodeAddr=" in text
+    assert "export GLOO_SOCKET_IFNAME=md0" in text
+
+
+def test_sweep_executor_submits_an_array(tmp_path):
+    from launch.sweep_executor import launch_slurm
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+        def train_overrides(self, parent_id):
+            return [f"trainer.run_dir={tmp_path}/{self.name}", f"tracking.parent_run_id={parent_id}"]
+
+    class Plan:
+        base_config, out_dir = TINY, str(tmp_path)
+
+    with pytest.raises(MegadiffError, match="set launch.slurm.cluster"):
+        launch_slurm(Plan(), [Run("a")], "p1", {}, dry_run=True)
+    with pytest.raises(MegadiffError, match=r"unknown keys \['nodez'\]"):
+        launch_slurm(Plan(), [Run("a")], "p1", {"cluster": "local", "nodez": 2}, dry_run=True)
+    sub = launch_slurm(Plan(), [Run("a"), Run("b")], "p1", {"cluster": "local", "gpus_per_node": 0,
+                                                             "max_parallel": 1}, dry_run=True)
+    assert "#SBATCH --array=0-1%1" in sub.script_text and f"{tmp_path}/b/slurm/config.yaml" in sub.script_text

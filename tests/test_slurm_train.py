@@ -1,8 +1,10 @@
 """Acceptance: real `megadiff train` jobs submitted with `megadiff slurm submit` to the local cluster.
 
-A 2-rank CPU job (DP=2, gloo) on the fake 2-GPU node completes with a checkpoint and an MLflow run;
-a second run is preempted mid-run with SIGUSR1, checkpoints, is requeued, resumes the same MLflow run
-and ends with per-step losses identical to the uninterrupted run.
+A 2-rank CPU job (DP=2, gloo) on one fake 2-GPU node completes with a checkpoint and an MLflow run (the
+reference). The same layout across the two test nodes (one rank per node) is preempted mid-run with SIGUSR1,
+checkpoints, is requeued as a whole, resumes the same MLflow run and ends with per-step losses identical to
+the reference. A two-node job that loses a node ends with a clear state; a resubmit resumes from the last
+complete checkpoint with the reference's losses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_train_args
+from conftest import ROOT, run_cli, tiny_train_args
 
 from launch import slurm
 
@@ -75,32 +77,79 @@ def test_two_rank_cpu_training_job_completes_with_checkpoint_and_mlflow_run(refe
     assert f"job {job}: COMPLETED" in st and f"step {STEPS}" in st and "marker: DONE" in st
 
 
-def test_preempted_job_checkpoints_requeues_resumes_with_identical_losses(reference_run, tiny_data):
-    ref_dir, _ = reference_run
-    rd = ref_dir.parent / "preempted"
-    job = _submit(*_train_args(tiny_data, rd), "--cluster", "local", "--gpus-per-node", "0",
-                  "--tasks-per-node", "2", "--time", "00:10:00")
-    deadline = time.monotonic() + 180
-    while not ((rd / "metrics.jsonl").exists() and max(_losses(rd), default=0) >= 10):
+def _wait_for_step(rd: Path, job: str, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((rd / "metrics.jsonl").exists() and max(_losses(rd), default=0) >= step):
         assert time.monotonic() < deadline, _diagnose(rd)
         st = slurm.job_state(job)["members"]
         assert st and st[0]["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (st, _diagnose(rd))
         time.sleep(0.1)
+
+
+def _node_log(rd: Path, job: str, restart: int, node: str) -> str:
+    return (rd / "logs" / f"job{job}-r{restart}-{node}.log").read_text()
+
+
+def test_two_node_job_preempted_requeues_as_a_whole_and_matches_the_one_node_losses(reference_run, tiny_data):
+    """`--nodes 2`: one rank per node (one per fake GPU), env:// rendezvous at the first node's address,
+    gloo between the namespaces; SIGUSR1 mid-run -> every rank stops at the same step, checkpoint, exit 75,
+    the whole job is requeued and resumes; per-step losses equal the uninterrupted one-node 2-rank run."""
+    ref_dir, _ = reference_run
+    rd = ref_dir.parent / "two_nodes"
+    job = _submit(*_train_args(tiny_data, rd), "--cluster", "local", "--nodes", "2", "--gpus-per-node", "1",
+                  "--time", "00:10:00")
+    _wait_for_step(rd, job, 10)
     run_id = (rd / "mlflow_run_id").read_text().strip()
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@T sends
     states = slurm.wait([job], timeout=300)
     m = states[job][0]
-    assert m["JobState"] == "COMPLETED" and m["Restarts"] == "1", (m, _diagnose(rd))
+    assert m["JobState"] == "COMPLETED" and m["Restarts"] == "1" and m["NodeList"] == "mdnode[1-2]", (m, _diagnose(rd))
     batch_log = (rd / "logs" / f"slurm-{job}.out").read_text()
+    assert "2 tasks, master 10.87.0.11:" in batch_log, batch_log  # the first node's address, not its name
     assert "got SIGUSR1" in batch_log and "exited with code 75" in batch_log and "requeueing job" in batch_log
-    first = "".join(p.read_text() for p in (rd / "logs").glob(f"job{job}-r0-*.log"))
-    second = "".join(p.read_text() for p in (rd / "logs").glob(f"job{job}-r1-*.log"))
-    m_pre = re.search(r"preempted \(SIGUSR1\) at step (\d+): checkpoint saved", first)
-    m_res = re.search(r"resumed from \S+step_0*(\d+)", second)
-    assert m_pre and m_res and m_pre.group(1) == m_res.group(1), (first[-2000:], second[-2000:])
+    for restart in (0, 1):  # rank 0 on the first node, rank 1 on the second, in both runs of the job
+        assert re.search(r"^0: ", _node_log(rd, job, restart, "mdnode1"), re.M)
+        assert re.search(r"^1: ", _node_log(rd, job, restart, "mdnode2"), re.M)
+        assert not re.search(r"^0: ", _node_log(rd, job, restart, "mdnode2"), re.M)
+    m_pre = re.search(r"preempted \(SIGUSR1\) at step (\d+): checkpoint saved", _node_log(rd, job, 0, "mdnode1"))
+    m_res = re.search(r"resumed from \S+step_0*(\d+)", _node_log(rd, job, 1, "mdnode1"))
+    assert m_pre and m_res and m_pre.group(1) == m_res.group(1), _diagnose(rd)
     assert 10 <= int(m_pre.group(1)) < STEPS  # preempted mid-run, resumed exactly there
     losses, ref = _losses(rd), _losses(ref_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses == ref, [(s, losses[s], ref[s]) for s in ref if losses.get(s) != ref[s]][:5]
     assert (rd / "mlflow_run_id").read_text().strip() == run_id
-    assert _mlflow_runs(rd) == [(run_id, "FINISHED")]  # the resumed job continued the same MLflow run
+    assert _mlflow_runs(rd) == [(run_id, "FINISHED")]  # the requeued job continued the same MLflow run
+    assert (rd / "checkpoints" / f"step_{STEPS:06d}").is_dir() and not (rd / ".megadiff.lock").exists()
+
+
+def test_node_lost_mid_job_ends_with_a_clear_state_and_a_resubmit_resumes(cluster, tiny_data, tmp_path):
+    """A node lost as a whole (tools/local_slurm.sh lose-node: slurmd, slurmstepd and the rank killed) ends the
+    job; `megadiff slurm status` says so; the same submit again resumes from the last complete checkpoint and
+    recomputes the lost steps with identical losses (a shorter run than the reference: its LR schedule differs)."""
+    rd = tmp_path / "node_lost"
+    steps = 32  # a shorter run: lost after the step-25 checkpoint, resumed there
+    args = (*_train_args(tiny_data, rd), f"trainer.max_steps={steps}", "--cluster", "local", "--nodes", "2",
+            "--gpus-per-node", "1", "--time", "00:10:00", "--requeue-mode", "none")
+    job = _submit(*args)
+    try:
+        _wait_for_step(rd, job, 27)  # past the step-25 checkpoint
+        subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "lose-node", "mdnode2"], check=True)
+        states = slurm.wait([job], timeout=120)
+    finally:
+        subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), "start"], check=True)
+    state = states[job][0]["JobState"]
+    assert state in ("FAILED", "NODE_FAIL"), (states, _diagnose(rd))
+    st = run_cli("slurm", "status", str(rd)).stdout
+    assert re.search(rf"job {job}: {state}\b.* nodes mdnode\[1-2\]", st), st
+    before = _losses(rd)  # the lost job's steps (metrics.jsonl is cut back to the checkpoint on resume)
+    lost_at = max(before)
+    job2 = _submit(*args)
+    states = slurm.wait([job2], timeout=300)
+    assert states[job2][0]["JobState"] == "COMPLETED", (states, _diagnose(rd))
+    m_res = re.search(r"resumed from \S+step_0*(\d+)", _node_log(rd, job2, 0, "mdnode1"))
+    assert m_res and 25 <= int(m_res.group(1)) <= lost_at, _diagnose(rd)
+    # the steps after the checkpoint ran twice: in the lost job and again after the resume, with equal losses
+    resumed, after = int(m_res.group(1)), _losses(rd)
+    assert sorted(after) == list(range(1, steps + 1)) and resumed < lost_at
+    assert {s_: after[s_] for s_ in before} == before, [(s_, before[s_], after[s_]) for s_ in before]

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 
+from megadiff import MegadiffError
+
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
@@ -41,16 +43,20 @@ class MegadiffLM(LM):
                  steps: Optional[int] = None, temperature: float = 0.0, max_gen_toks: int = 64, device: str = "auto",
                  seed: int = 0, **_: Any):
         super().__init__()
-        from megadiff.eval.runtime import load_for_inference
+        from megadiff.checkpoint.inference import load_for_inference
 
         self.im = load_for_inference(pretrained, device=device)
+        if self.im.traits.block_diffusion:
+            raise MegadiffError(f"{pretrained}: the lm-eval adapter scores with the plain MDLM ELBO, which does not "
+                                "apply the block-diffusion (BD3-LM) layout; block-diffusion checkpoints are not "
+                                "supported by lm-eval yet (use `megadiff eval` for the block NELBO)")
         self.mc = int(mc_samples)
         self.bs = int(batch_size)
         self.sampler, self.steps, self.temperature = sampler, steps, float(temperature)
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         self.max_len = int(self.im.cfg.model.max_seq_len)
-        self.ar = self.im.cfg.diffusion.objective == "ar"
+        self.ar = self.im.traits.is_autoregressive
         self.V, self.mask = self.im.info.vocab_size, self.im.info.mask_id
 
     # ------------------------------------------------------------------ helpers

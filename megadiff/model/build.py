@@ -20,7 +20,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megadiff.model.attention import ATTENTION_BACKENDS, resolve_backend
+from megadiff.model.attention import resolve_backend
+from megadiff.model.catalog import ATTENTION_BACKENDS
+from megadiff.model.positions import install as install_positions
 from megadiff.model.presets import ModelShape, padded_vocab_size, resolve_shape
 
 
@@ -32,13 +34,13 @@ def layer_spec(arch: str, backend: str, causal: bool = False) -> ModuleSpec:
     """megatron's GPT layer spec with the attention mask type and core attention set by us."""
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     norm = "RMSNorm" if arch == "llama" else "LayerNorm"
-    if backend == "te":
+    if ATTENTION_BACKENDS.traits(backend).te_layers:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
     else:
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=norm))
-        spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS.get(backend)
+    spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS.get(backend)
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask)
     return spec
 
@@ -94,19 +96,21 @@ class BuiltModel:
     config: TransformerConfig
 
 
-def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg_collection=None,
+def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: int = 1, pp: int = 1, pg_collection=None,
                 pre_process: bool = True, post_process: bool = True, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                vp_stage: Optional[int] = None) -> BuiltModel:
-    """Build this rank's part of the model (all of it when tp = pp = 1)."""
+                vp_stage: Optional[int] = None, masked: bool = False) -> BuiltModel:
+    """Build this rank's part of the model (all of it when tp = pp = 1); ``causal`` for an autoregressive
+    objective (``config.is_causal``), bidirectional otherwise. ``masked``: the run feeds document / block
+    masks (``auto`` then picks a backend that applies them)."""
     shape = resolve_shape(model_cfg)
-    backend = resolve_backend(model_cfg.attention_backend, device)
+    backend = resolve_backend(model_cfg.attention_backend, device, masked=masked)
     config = transformer_config(shape, model_cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
                                 dtype=dtype, cpu_init=True)
     vpad = padded_vocab_size(vocab_size, tp)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape.arch, backend, causal=bool(model_cfg.causal)),
+        transformer_layer_spec=layer_spec(shape.arch, backend, causal=causal),
         vocab_size=vpad,
         max_sequence_length=shape.max_seq_len,
         pre_process=pre_process,
@@ -118,6 +122,7 @@ def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    install_positions(model)  # RoPE follows position_ids (packed documents, BD3-LM, KV-cached sampling)
     if device != "cpu":
         model = model.to(device)
     return BuiltModel(model, shape, vocab_size, vpad, backend, config)

@@ -40,6 +40,8 @@ def spawn_workers(args) -> int:
     import signal
     import time
 
+    from megadiff import EXIT_REQUEUE
+
     world = args.nproc_per_node * args.nnodes
     if args.master_port is None:
         from megadiff.dist.parallel import _free_port
@@ -66,7 +68,7 @@ def spawn_workers(args) -> int:
         for i, p in enumerate(procs):
             if i not in codes and p.poll() is not None:
                 codes[i] = p.returncode
-                if p.returncode not in (0, 75):
+                if p.returncode not in (0, EXIT_REQUEUE):
                     for q in procs:
                         if q.poll() is None:
                             q.terminate()
@@ -77,10 +79,29 @@ def spawn_workers(args) -> int:
                         except subprocess.TimeoutExpired:
                             q.kill()
         time.sleep(0.2)
-    crashes = [c for c in codes.values() if c not in (0, 75)]
+    crashes = [c for c in codes.values() if c not in (0, EXIT_REQUEUE)]
     if crashes:
         return crashes[0]
-    return 75 if 75 in codes.values() else 0
+    return EXIT_REQUEUE if EXIT_REQUEUE in codes.values() else 0
+
+
+def build_callbacks(cfg) -> list:
+    """The callbacks of `megadiff train`, in the order they run each step (see train/callbacks.py)."""
+    from pathlib import Path
+
+    from megadiff.eval.callbacks import EndOfRunSamples
+    from megadiff.train import callbacks as cb
+
+    tc, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
+    cbs = [cb.MetricsFile(run_dir), cb.ProgressBar(tc.progress, tc.log_interval), cb.NaNGuard(tc.nan_max_consecutive),
+           cb.Checkpointing(tc.save_interval), cb.EvalCadence(tc.eval_interval),
+           cb.ChunkedStop(tc.stop_after, tc.steps_per_invocation)]
+    if cfg.tracking.enabled:
+        from megadiff.tracking.mlflow_cb import MLflowCallback
+
+        cbs.append(MLflowCallback(cfg, run_dir))
+    cbs.append(EndOfRunSamples(tc.num_samples, tc.sample_steps, tc.seed))
+    return cbs
 
 
 def run(args) -> int:
@@ -95,4 +116,4 @@ def run(args) -> int:
     install_early_signal_handlers()
     from megadiff.train.trainer import run_training
 
-    return run_training(cfg)
+    return run_training(cfg, build_callbacks(cfg))
