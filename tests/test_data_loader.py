@@ -308,3 +308,23 @@ def test_segment_ids_from_recorded_document_starts(tmp_path):
     (tmp_path / "v2" / "train-000001.docs.npy").unlink()
     with pytest.raises(MegadiffError, match=r"train-000001\.docs\.npy: shard missing"):
         ShardDataset(tmp_path / "v2")
+
+
+def test_unique_token_prefix_keeps_segment_ids(tmp_path):
+    """data.unique_tokens wraps the dataset (PrefixDataset): its micro batches still carry the
+    segment ids of the samples they hold."""
+    from megadiff.data.loader import limit_unique_tokens
+
+    tok = toy_tokenizer(64)
+    rng = np.random.default_rng(4)
+    arr = rng.integers(4, 300, size=(12, L))
+    arr[:, 0] = np.arange(12) + 4  # sample identity
+    starts = [np.arange(0, L, 1 + i % 5) for i in range(12)]
+    write_dataset(tmp_path, {"train": arr}, to_bytes(tok), special_ids(tok), 300, 5, starts={"train": starts})
+    (pre,) = limit_unique_tokens([ShardDataset(tmp_path)], 6 * L, seed=0)
+    ld = GlobalBatchLoader([pre], None, 6, 3, seed=0)
+    assert ld.has_segments
+    for mb in ld.next_global():
+        for row, sid in zip(mb["tokens"], mb["segment_ids"]):
+            i = int(row[0]) - 4
+            assert np.array_equal(sid.numpy(), np.cumsum(np.isin(np.arange(L), starts[i][1:])))

@@ -112,6 +112,11 @@ class ShardDataset:
                 return (i + attempt) % n, arr
         raise MegadiffError(f"{self.path} [{self.split}]: no readable sample at all; {_REWRITE}")
 
+    def sample(self, i: int, with_segments: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tokens, segment ids or None) of sample ``i`` (with skip_corrupt: of the sample read instead)."""
+        j, tokens = self.read(i)
+        return tokens, (self.segment_ids(j) if with_segments else None)
+
     @property
     def has_segments(self) -> bool:
         """Whether every shard records where its samples' documents start (format version >= 2)."""
@@ -275,9 +280,9 @@ class GlobalBatchLoader:
         tokens = np.empty((per_rank, self.info.seq_len), dtype=np.int64)
         segs = np.empty_like(tokens) if self.has_segments else None
         for r, (d, i) in enumerate(rows):
-            j, tokens[r] = self.datasets[d].read(i)
+            tokens[r], seg = self.datasets[d].sample(i, with_segments=segs is not None)
             if segs is not None:
-                segs[r] = self.datasets[d].segment_ids(j)
+                segs[r] = seg
         ids = np.arange(s * G + lo, s * G + lo + per_rank, dtype=np.int64)
         self.global_step += 1
         mb = self.micro_batch
@@ -336,6 +341,13 @@ class PrefixDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ds[int(self.index[i])]
+
+    @property
+    def has_segments(self) -> bool:
+        return self.ds.has_segments
+
+    def sample(self, i: int, with_segments: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.ds.sample(int(self.index[i]), with_segments)
 
 
 def limit_unique_tokens(datasets: Sequence[Any], unique_tokens: int | None, seed: int) -> list[Any]:
