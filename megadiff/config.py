@@ -89,6 +89,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     causal: bool = False  # True only for the autoregressive baseline objective (set automatically)
+    recompute: str = "none"  # activation recompute: none | selective (core attention + MLP) | full (whole layers)
+    recompute_num_layers: Optional[int] = None  # full: layers recomputed per pipeline stage (None: all of them)
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -195,6 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer.kind": ("bpe", "gpt2", "file"),
     "model.arch": ("llama", "gpt2"),
     "model.attention_backend": ("auto", "sdpa", "flash", "te"),
+    "model.recompute": ("none", "selective", "full"),
     "diffusion.objective": ("mdlm", "llada", "ar"),
     "diffusion.schedule": ("loglinear", "linear", "cosine", "poly"),
     "optim.lr_schedule": ("cosine", "wsd", "constant"),
@@ -284,6 +287,10 @@ def validate(cfg: Any) -> None:
     for key, val in positive.items():
         if val <= 0:
             raise MegadiffError(f"config key {key!r} must be positive, got {val}")
+    n_rc = cfg.model.recompute_num_layers
+    if n_rc is not None and (cfg.model.recompute != "full" or n_rc <= 0):
+        raise MegadiffError(f"config key 'model.recompute_num_layers'={n_rc} needs model.recompute=full and a "
+                            f"positive value (got recompute={cfg.model.recompute!r}); unset it or set model.recompute=full")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:

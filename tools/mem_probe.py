@@ -1,0 +1,141 @@
+"""Measure the peak memory and time of real CPU training steps, in a fresh process (one rank or torchrun).
+
+    python tools/mem_probe.py '{"arch": "llama", "num_layers": 2, "hidden_size": 256, "vocab": 32000,
+                               "seq": 256, "micro_batch": 2, "recompute": "none", "steps": 2}' OUT.json
+    python -m torch.distributed.run --nproc-per-node 2 tools/mem_probe.py '{..., "tp": 2}' OUT.json
+
+The step is megadiff's own: build_model -> megatron DDP + distributed optimizer -> run_forward_backward
+(the objective's loss through megatron's schedule) -> optimizer.step, on random tokens.
+
+How peak memory is measured on CPU (there is no allocator statistic like torch.cuda.max_memory_allocated):
+glibc's malloc is told to serve every block >= 64 KiB by mmap and to return it on free
+(``MALLOC_MMAP_THRESHOLD_=65536`` fixes the threshold, so it does not adapt upwards), so the resident set
+follows the live tensors. The kernel's high-water mark ``VmHWM`` is reset (``/proc/self/clear_refs`` = 5)
+once the model, DDP buffers and optimizer are built, and read after the steps; reported per rank:
+
+    base_rss  : RSS just before the model is built (interpreter, torch, megatron, process groups)
+    static    : RSS after the first step (weights, grad buffer, Adam states) - base_rss
+    peak      : VmHWM during the steps - base_rss   (what the memory model forecasts)
+    step_s    : mean wall time of the steps after the first
+
+With ``"grads": PATH`` the probe instead saves this rank's gradients after one forward-backward (no
+optimizer step), for the recompute equivalence test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the process starts
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def model_cfg(spec: dict):
+    from omegaconf import OmegaConf
+
+    from megadiff.config import ModelConfig
+
+    return OmegaConf.structured(ModelConfig(
+        arch=spec.get("arch", "llama"), num_layers=spec["num_layers"], hidden_size=spec["hidden_size"],
+        num_attention_heads=spec.get("heads", 4), num_query_groups=spec.get("kv_groups"),
+        max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=spec.get("recompute", "none"),
+        recompute_num_layers=spec.get("recompute_num_layers")))
+
+
+def main(spec: dict, out_path: str) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from omegaconf import OmegaConf
+
+    from megadiff.config import DiffusionConfig, OptimConfig, ParallelConfig
+    from megadiff.diffusion.objectives import make_objective
+    from megadiff.diffusion.schedules import make_schedule
+    from megadiff.dist.parallel import destroy_parallel, init_parallel
+    from megadiff.model.build import build_model
+    from megadiff.train.optim import build_optimizer, set_lr, wrap_ddp
+    from megadiff.train.step import StepContext, run_forward_backward
+
+    tp, pp = spec.get("tp", 1), spec.get("pp", 1)
+    ctx = init_parallel(tp, pp, "cpu", "gloo", seed=1234)
+    V, S, mb, n_mb = spec["vocab"], spec["seq"], spec["micro_batch"], spec.get("num_micro", 1)
+    dcfg = OmegaConf.structured(DiffusionConfig(objective=spec.get("objective", "mdlm")))
+    obj = make_objective(dcfg, make_schedule(dcfg), mask_id=V - 1, vocab_size=V)
+    gen = torch.Generator().manual_seed(0)
+    gb = mb * n_mb * ctx.dp
+    batches = [[{"tokens": torch.randint(0, V - 1, (mb, S), generator=gen),
+                 "sample_ids": torch.arange(mb) + i * mb} for i in range(n_mb)] for _ in range(spec.get("steps", 2))]
+    sc = StepContext(obj, dcfg, gb, noise_seed=0)
+    import gc
+
+    gc.collect()
+    base = rss_bytes()
+    from megatron.core import parallel_state as ps
+
+    built = build_model(model_cfg(spec), V, tp=tp, pp=pp, pg_collection=ctx.pg,
+                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    tconf = built.config
+    tconf.calculate_per_token_loss = True
+    pcfg = OmegaConf.structured(ParallelConfig(tp=tp, pp=pp))
+    ddp = wrap_ddp(built.model, tconf, ctx, pcfg)
+    opt = build_optimizer(ddp, OmegaConf.structured(OptimConfig()), pcfg, ctx, bf16=False)
+    from megatron.core.distributed import finalize_model_grads
+
+    tconf.finalize_model_grads_func = finalize_model_grads
+    tconf.grad_scale_func = opt.scale_loss
+    res = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "base_rss": base,
+           "params_rank": sum(p.numel() for p in built.model.parameters())}
+    if spec.get("grads"):
+        ddp.zero_grad_buffer()
+        out = run_forward_backward(ddp, batches[0], sc, ctx, forward_only=False)
+        grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+        torch.save({"loss": out, "grads": grads}, f"{spec['grads']}.rank{ctx.rank}")
+    else:
+        times = []
+        for i, mbs in enumerate(batches):
+            if i == 1:
+                gc.collect()
+                res["static"] = rss_bytes() - base
+                reset_hwm()
+            t0 = time.perf_counter()
+            sc.step = i
+            set_lr(opt, 1e-4, 0.0)
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            run_forward_backward(ddp, mbs, sc, ctx, forward_only=False)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        res["peak"] = hwm_bytes() - base
+        res["step_s"] = sum(times[1:]) / max(1, len(times) - 1)
+    gathered = [None] * ctx.world
+    torch.distributed.all_gather_object(gathered, res)
+    if ctx.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]), sys.argv[2])
