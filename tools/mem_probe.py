@@ -18,8 +18,9 @@ once the model, DDP buffers and optimizer are built, and read after the steps; r
     peak      : VmHWM during the steps - base_rss   (what the memory model forecasts)
     step_s    : mean wall time of the steps after the first
 
-With ``"grads": PATH`` the probe instead saves this rank's gradients after one forward-backward (no
-optimizer step), for the recompute equivalence test.
+With ``"grads": PATH, "recompute_modes": [...]`` the probe instead builds the model once per recompute
+mode (same seed) and saves this rank's loss and gradients after one forward-backward (no optimizer
+step) to PATH.rank<r>, for the recompute equivalence test.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def model_cfg(spec: dict):
     return OmegaConf.structured(ModelConfig(
         arch=spec.get("arch", "llama"), num_layers=spec["num_layers"], hidden_size=spec["hidden_size"],
         num_attention_heads=spec.get("heads", 4), num_query_groups=spec.get("kv_groups"),
-        max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=spec.get("recompute", "none"),
+        max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=spec["recompute"],
         recompute_num_layers=spec.get("recompute_num_layers")))
 
 
@@ -93,26 +94,34 @@ def main(spec: dict, out_path: str) -> None:
     gc.collect()
     base = rss_bytes()
     from megatron.core import parallel_state as ps
-
-    built = build_model(model_cfg(spec), V, tp=tp, pp=pp, pg_collection=ctx.pg,
-                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    tconf = built.config
-    tconf.calculate_per_token_loss = True
-    pcfg = OmegaConf.structured(ParallelConfig(tp=tp, pp=pp))
-    ddp = wrap_ddp(built.model, tconf, ctx, pcfg)
-    opt = build_optimizer(ddp, OmegaConf.structured(OptimConfig()), pcfg, ctx, bf16=False)
     from megatron.core.distributed import finalize_model_grads
 
-    tconf.finalize_model_grads_func = finalize_model_grads
-    tconf.grad_scale_func = opt.scale_loss
-    res = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "base_rss": base,
-           "params_rank": sum(p.numel() for p in built.model.parameters())}
-    if spec.get("grads"):
-        ddp.zero_grad_buffer()
-        out = run_forward_backward(ddp, batches[0], sc, ctx, forward_only=False)
-        grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
-        torch.save({"loss": out, "grads": grads}, f"{spec['grads']}.rank{ctx.rank}")
+    def build(recompute: str):
+        torch.manual_seed(1234)
+        built = build_model(model_cfg(dict(spec, recompute=recompute)), V, tp=tp, pp=pp, pg_collection=ctx.pg,
+                            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        tconf = built.config
+        tconf.calculate_per_token_loss = True
+        pcfg = OmegaConf.structured(ParallelConfig(tp=tp, pp=pp))
+        ddp = wrap_ddp(built.model, tconf, ctx, pcfg)
+        opt = build_optimizer(ddp, OmegaConf.structured(OptimConfig()), pcfg, ctx, bf16=False)
+        tconf.finalize_model_grads_func = finalize_model_grads
+        tconf.grad_scale_func = opt.scale_loss
+        return built, ddp, opt
+
+    res = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "base_rss": base}
+    if spec.get("grads"):  # one forward-backward per recompute mode, same weights and batch
+        saved = {}
+        for mode in spec["recompute_modes"]:
+            built, ddp, _ = build(mode)
+            ddp.zero_grad_buffer()
+            out = run_forward_backward(ddp, batches[0], sc, ctx, forward_only=False)
+            saved[mode] = {"loss": out, "grads": {n: p.main_grad.detach().clone()
+                                                  for n, p in ddp.module.named_parameters()}}
+        torch.save(saved, f"{spec['grads']}.rank{ctx.rank}")
     else:
+        built, ddp, opt = build(spec.get("recompute", "none"))
+        res["params_rank"] = sum(p.numel() for p in built.model.parameters())
         times = []
         for i, mbs in enumerate(batches):
             if i == 1:

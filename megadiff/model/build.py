@@ -157,7 +157,7 @@ def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg
     backend = resolve_backend(model_cfg.attention_backend, "cpu" if device == "meta" else device)
     fusions = fusion_settings(device)
     config = transformer_config(shape, model_cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
-                                dtype=dtype, cpu_init=device != "meta", fusions=fusions,
+                                dtype=dtype, cpu_init=True, fusions=fusions,
                                 init_weights=init_weights)
     vpad = padded_vocab_size(vocab_size, tp)
     model = GPTModel(

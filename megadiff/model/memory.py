@@ -82,20 +82,30 @@ class StageMemory:
         return sum(self.parts.values())
 
 
+def layer_params_split(shape: ModelShape) -> tuple[int, int]:
+    """(parameters of one layer split over TP, parameters replicated on every TP rank)."""
+    d = shape.hidden_size
+    pc = count_params(shape, 0)
+    if shape.arch == "gpt2":  # row-parallel output biases (proj, fc2) and the LayerNorms are replicated
+        replicated = 2 * d + 2 * 2 * d
+    else:
+        replicated = 2 * d  # two RMSNorm weights
+    return pc.per_layer - replicated, replicated
+
+
 def params_per_rank(shape: ModelShape, vocab_padded: int, tp: int, pp: int, pp_rank: int) -> int:
     """Parameters held by one rank of stage ``pp_rank`` (embedding/output split over TP, layers over PP)."""
     pc = count_params(shape, vocab_padded)
-    d = shape.hidden_size
-    tok_emb = vocab_padded * d
-    layers = layers_on_stage(shape.num_layers, pp, pp_rank)
-    n = layers * pc.per_layer / tp
+    tok_emb = vocab_padded * shape.hidden_size
+    split, replicated = layer_params_split(shape)
+    n = layers_on_stage(shape.num_layers, pp, pp_rank) * (split // tp + replicated)
     if pp_rank == 0:
-        n += tok_emb / tp + (pc.embedding - tok_emb)  # learned positions are replicated
+        n += tok_emb // tp + (pc.embedding - tok_emb)  # learned positions are replicated
     if pp_rank == pp - 1:
         n += pc.final_norm
         if pc.output or pp > 1:  # untied output, or the last stage's copy of the tied embedding
-            n += tok_emb / tp
-    return int(n)
+            n += tok_emb // tp
+    return n
 
 
 def layers_on_stage(num_layers: int, pp: int, pp_rank: int) -> int:
