@@ -2,7 +2,9 @@
 
 Each command group lives in its own module exposing ``register(subparsers)``; that module keeps
 heavy imports (torch, megatron, ray, mlflow) inside its handlers so `--help` and config checks
-stay fast on a login node.
+stay fast on a login node. The library's own groups are listed here; groups that live outside the
+library (the Ray data pipeline, the Slurm launcher) plug in through the entry-point group
+``megadiff.commands`` (pyproject.toml), so ``megadiff`` never imports them by name.
 """
 
 from __future__ import annotations
@@ -14,18 +16,30 @@ import sys
 
 from megadiff import MegadiffError, __version__
 
-# group name -> module with register(subparsers). Order is the order shown in --help.
+# modules with register(subparsers), in --help order; plug-in groups (entry points) follow, by name
 COMMAND_MODULES = [
     "megadiff.commands.demo",
-    "data_pipelines.cli",
     "megadiff.model.cli",
     "megadiff.train.cli",
     "megadiff.eval.cli",
     "megadiff.tracking.cli",
-    "launch.cli",
     "megadiff.sweeps.cli",
     "megadiff.convert.cli",
 ]
+PLUGIN_GROUP = "megadiff.commands"
+
+
+def _registrars():
+    for mod in COMMAND_MODULES:
+        yield importlib.import_module(mod).register
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            yield ep.load()
+        except ModuleNotFoundError as e:  # a plug-in package not present in this checkout
+            if e.name != ep.value.split(":")[0]:
+                raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"megadiff {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a command group not installed in this checkout
-            if e.name == mod:
-                continue
-            raise
-        module.register(sub)
+    for register in _registrars():
+        register(sub)
     return p
 
 

@@ -20,6 +20,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from megadiff import MegadiffError
+from megadiff.diffusion.catalog import OBJECTIVES, SCHEDULES
+from megadiff.model.catalog import ATTENTION_BACKENDS
+from megadiff.train.lr import LR_SCHEDULES
 
 # ----------------------------------------------------------------------------- data
 
@@ -84,11 +87,10 @@ class ModelConfig:
     max_seq_len: int = 512
     vocab_size: Optional[int] = None  # real vocab incl. [MASK]; None = read from the data manifest
     tie_embeddings: bool = True
-    attention_backend: str = "auto"  # auto | sdpa | flash | te
+    attention_backend: str = "auto"  # auto | a backend of megadiff/model/catalog.py (sdpa | flash | te)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    causal: bool = False  # True only for the autoregressive baseline objective (set automatically)
     recompute: str = "none"  # activation recompute: none | selective (core attention + MLP) | full (whole layers)
     recompute_num_layers: Optional[int] = None  # full: layers recomputed per pipeline stage (None: all of them)
 
@@ -157,9 +159,9 @@ class TrainerConfig:
     save_interval: int = 100  # 0 disables periodic saves (a final save still happens)
     keep_last: int = 3  # retention: keep the last K checkpoints
     keep_every: int = 0  # ... and every M-th step (0: none)
-    async_save: bool = True  # GPU only
     max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
-    stop_after: int = 0  # >0: save and exit with the requeue code once this step is reached (chunked jobs)
+    stop_after: int = 0  # >0: save and exit 75 (requeue) when a run reaches this step; a rerun goes on past it
+    steps_per_invocation: int = 0  # >0: each invocation trains at most this many steps, saves, exits 75 (chunked jobs)
     nan_max_consecutive: int = 5  # abort after this many non-finite steps in a row
     peak_tflops: float = 0.0  # for MFU; 0 = detect (bf16 dense datasheet peak of known GPUs)
     progress: bool = True
@@ -193,17 +195,24 @@ class MegadiffConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their torch-free catalogues
     "data.tokenizer.kind": ("bpe", "gpt2", "file"),
     "model.arch": ("llama", "gpt2"),
-    "model.attention_backend": ("auto", "sdpa", "flash", "te"),
+    "model.attention_backend": ("auto", *ATTENTION_BACKENDS.names()),
     "model.recompute": ("none", "selective", "full"),
-    "diffusion.objective": ("mdlm", "llada", "ar"),
-    "diffusion.schedule": ("loglinear", "linear", "cosine", "poly"),
-    "optim.lr_schedule": ("cosine", "wsd", "constant"),
+    "diffusion.objective": tuple(OBJECTIVES.names()),
+    "diffusion.schedule": tuple(SCHEDULES.names()),
+    "optim.lr_schedule": tuple(LR_SCHEDULES.names()),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.device": ("auto", "cpu", "cuda"),
+}
+
+# Keys older megadiff versions wrote into saved configs (checkpoints, shards): dropped when such a config is
+# read back, refused with the reason when a user passes them.
+RETIRED_KEYS = {
+    "model.causal": "the objective decides the attention mask (diffusion.objective=ar is causal)",
+    "trainer.async_save": "checkpoint saves are synchronous; the key never had an effect",
 }
 
 
@@ -218,6 +227,8 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Me
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     msg = str(err).splitlines()[0]
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        if key in RETIRED_KEYS:
+            return MegadiffError(f"{source}: config key {key!r} was removed: {RETIRED_KEYS[key]}; delete it")
         parent_key = key.rsplit(".", 1)[0] if "." in key else ""
         parent = OmegaConf.select(schema, parent_key) if parent_key else schema
         allowed = ", ".join(_fields_of(parent)) if parent is not None else "?"
@@ -343,6 +354,22 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _drop_retired(node: DictConfig) -> DictConfig:
+    for key in RETIRED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        sub = OmegaConf.select(node, parent)
+        if isinstance(sub, DictConfig) and leaf in sub:
+            sub.pop(leaf)
+    return node
+
+
 def from_yaml_text(text: str) -> MegadiffConfig:
-    """Rebuild a typed config from YAML saved beside an output (checkpoint, shards)."""
-    return OmegaConf.merge(OmegaConf.structured(MegadiffConfig), OmegaConf.create(text))  # type: ignore[return-value]
+    """Rebuild a typed config from YAML saved beside an output (checkpoint, shards); keys that older
+    versions wrote and that no longer exist (RETIRED_KEYS) are dropped."""
+    saved = _drop_retired(OmegaConf.create(text))
+    return OmegaConf.merge(OmegaConf.structured(MegadiffConfig), saved)  # type: ignore[return-value]
+
+
+def is_causal(cfg: Any) -> bool:
+    """The model of this run attends causally (its objective's trait)."""
+    return OBJECTIVES.traits(cfg.diffusion.objective).needs_causal_mask

@@ -61,9 +61,9 @@ def main(out_path: str) -> None:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         return ProcessGroupCollection.use_mpu_process_groups()
 
-    def build(cfg, tp=1, pp=1, pg=None, seed=1234):
+    def build(cfg, tp=1, pp=1, pg=None, seed=1234, causal=False):
         torch.manual_seed(seed)
-        return build_model(cfg, V, tp=tp, pp=pp, pg_collection=pg, pre_process=ps.is_pipeline_first_stage(),
+        return build_model(cfg, V, causal=causal, tp=tp, pp=pp, pg_collection=pg, pre_process=ps.is_pipeline_first_stage(),
                            post_process=ps.is_pipeline_last_stage())
 
     def rel(a, b):
@@ -186,7 +186,7 @@ def main(out_path: str) -> None:
     flipped = xt.clone()
     flipped[:, j] = (flipped[:, j] + 1) % (V - 1)
     for name, causal in (("bidirectional", False), ("causal", True)):
-        m = build(OmegaConf.merge(mcfg, {"causal": causal}), pg=pg).model
+        m = build(mcfg, pg=pg, causal=causal).model
         with torch.no_grad():
             d = (forward_logits(m, xt) - forward_logits(m, flipped)).abs().amax(dim=(0, 2))
         res[f"{name}_changed_before"] = int((d[:j] > 1e-6).sum())

@@ -40,7 +40,7 @@ def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _hf_parity(ckpt: Path, hf_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from megadiff.eval.runtime import load_for_inference
+    from megadiff.checkpoint.inference import load_for_inference
 
     im = load_for_inference(ckpt, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
@@ -152,8 +152,7 @@ def _megadiff_logits(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
 
     step = run_dir / "checkpoints" / "step_000000"
     cfg = from_yaml_text((step / "config.yaml").read_text())
-    cfg.model.causal = True
-    built = build_model(cfg.model, json.loads((step / "megadiff.json").read_text())["vocab"]["vocab_size"])
+    built = build_model(cfg.model, json.loads((step / "megadiff.json").read_text())["vocab"]["vocab_size"], causal=True)
     state = dist_checkpointing.load({"model": built.model.sharded_state_dict(prefix="", metadata=CKPT_METADATA)},
                                     str(step))
     built.model.load_state_dict(state["model"], strict=False)

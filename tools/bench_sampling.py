@@ -55,8 +55,8 @@ def bench_checkpoint(args) -> None:
     """Matched-quality comparison on a trained checkpoint (every sampler draws from the same canvas)."""
     import numpy as np
 
+    from megadiff.checkpoint.inference import load_for_inference
     from megadiff.eval.genquality import load_scorer, run_sampler, sampler_kwargs, score_samples
-    from megadiff.eval.runtime import load_for_inference
     from megadiff.eval.zeroshot import model_seq_len, shard_set
 
     im = load_for_inference(args.checkpoint, device=args.device)

@@ -85,8 +85,8 @@ def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """A run dir / checkpoints dir / step dir -> all global tensors, common state, config, metadata."""
+    from megadiff.checkpoint.inference import resolve_checkpoint
     from megadiff.config import from_yaml_text
-    from megadiff.eval.runtime import resolve_checkpoint
 
     d = resolve_checkpoint(path)
     check_shards(d)

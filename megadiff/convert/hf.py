@@ -19,17 +19,18 @@ import torch
 
 from megadiff import MegadiffError
 from megadiff.convert.keymap import Heads, arch_map, hf_to_megatron, megatron_to_hf
+from megadiff.diffusion.catalog import OBJECTIVES
 
 MASK_TOKEN = "[MASK]"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 # ---------------------------------------------------------------------------------------- export
-def hf_config(shape: Any, model_cfg: Any, padded_vocab: int, vocab: dict[str, Any]) -> Any:
+def hf_config(shape: Any, model_cfg: Any, padded_vocab: int, vocab: dict[str, Any], causal: bool) -> Any:
     import transformers
 
     ids = {"bos_token_id": vocab["bos_id"], "eos_token_id": vocab["eos_id"], "pad_token_id": vocab["pad_id"]}
-    common = dict(vocab_size=padded_vocab, tie_word_embeddings=shape.tie_embeddings, is_causal=bool(model_cfg.causal),
+    common = dict(vocab_size=padded_vocab, tie_word_embeddings=shape.tie_embeddings, is_causal=causal,
                   mask_token_id=vocab["mask_id"], torch_dtype="float32", **ids)
     if shape.arch == "llama":
         return transformers.LlamaConfig(
@@ -108,10 +109,6 @@ print(tok.decode(x[0]))
 Converted with `megadiff convert to-hf`; `megadiff convert from-hf` imports it back.
 """
 
-OBJECTIVE_NAMES = {"mdlm": "masked diffusion (MDLM, continuous-time NELBO)",
-                   "llada": "masked diffusion (LLaDA)", "ar": "autoregressive (next token)"}
-
-
 def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
     from megadiff.convert.ckpt import read_checkpoint
@@ -126,11 +123,12 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
     hd = Heads(shape.num_attention_heads, shape.num_query_groups, shape.head_dim)
     sd = megatron_to_hf(ck.model, shape.arch, shape.num_layers, hd)
     padded = ck.model["embedding.word_embeddings.weight"].shape[0]
-    conf = hf_config(shape, ck.cfg.model, padded, vocab)
+    objective = ck.meta.get("objective", ck.cfg.diffusion.objective)
+    traits = OBJECTIVES.traits(objective)
+    conf = hf_config(shape, ck.cfg.model, padded, vocab, causal=traits.needs_causal_mask)
     tok_path = Path(vocab["tokenizer_path"] or "")
     if not tok_path.is_file():
         raise MegadiffError(f"tokenizer {tok_path} of {ck.path} not found; pass --data-dir")
-    objective = ck.meta.get("objective", ck.cfg.diffusion.objective)
     out = Path(out)
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -147,10 +145,10 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
             (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
             params = sum(t.numel() for t in sd.values())
             (tmp / "README.md").write_text(MODEL_CARD.format(
-                name=out.name, objective=objective, objective_name=OBJECTIVE_NAMES.get(objective, objective),
+                name=out.name, objective=objective, objective_name=traits.description,
                 arch=shape.arch, params=params, step=ck.meta.get("step"), schedule=ck.cfg.diffusion.schedule,
-                attention="causal" if ck.cfg.model.causal else "bidirectional",
-                is_causal=str(bool(ck.cfg.model.causal)).lower(), mask_token=MASK_TOKEN, padded_vocab=padded,
+                attention="causal" if traits.needs_causal_mask else "bidirectional",
+                is_causal=str(traits.needs_causal_mask).lower(), mask_token=MASK_TOKEN, padded_vocab=padded,
                 **{k: vocab[k] for k in ("mask_id", "vocab_size", "eos_id", "pad_id", "bos_id")}))
     except FileExistsError as e:
         raise MegadiffError(f"{e} (or pass --overwrite)") from None

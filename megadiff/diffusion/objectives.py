@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 
+from megadiff.diffusion.catalog import OBJECTIVES, ObjectiveTraits
 from megadiff.diffusion.noise import Noise, corrupt
 from megadiff.diffusion.schedules import Schedule
-from megadiff.registry import Registry
-
-OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 @dataclass
@@ -69,6 +67,16 @@ class Objective:
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id {mask_id} must be inside the real vocab (size {vocab_size})")
         self.schedule, self.mask_id, self.vocab_size = schedule, int(mask_id), int(vocab_size)
+
+    @property
+    def traits(self) -> ObjectiveTraits:
+        """Declared in megadiff/diffusion/catalog.py: causal mask, validation metric, bound or exact."""
+        return OBJECTIVES.traits(self.name)
+
+    def for_validation(self) -> Objective:
+        """The objective whose mean loss is the validation metric (``traits.val_metric``): itself, unless
+        its training loss is not that metric (llada's 1/p_mask weighting is no bound for most schedules)."""
+        return self
 
     def prepare(self, x0: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -126,6 +134,9 @@ class LLaDA(_MaskedDiffusion):
 
     def weight(self, t):
         return 1.0 / self.schedule.mask_prob(t)
+
+    def for_validation(self) -> Objective:
+        return MDLM(self.schedule, mask_id=self.mask_id, vocab_size=self.vocab_size)
 
 
 @OBJECTIVES.register("ar")

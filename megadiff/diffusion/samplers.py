@@ -37,11 +37,10 @@ from typing import Callable, Optional
 
 import torch
 
+from megadiff.diffusion.catalog import SAMPLERS
 from megadiff.diffusion.schedules import LogLinear, Schedule
-from megadiff.registry import Registry
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
-SAMPLERS: Registry[Callable[..., SampleOut]] = Registry("sampler")
 
 
 @dataclass

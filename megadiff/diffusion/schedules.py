@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from megadiff.registry import Registry
-
-SCHEDULES: Registry[type[Schedule]] = Registry("noise schedule")
+from megadiff.diffusion.catalog import SCHEDULES
 
 
 class Schedule:
@@ -34,6 +32,10 @@ class Schedule:
 
     def t_of_alpha(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def t_at_mask_prob(self, p: float) -> float:
+        """The time at which a token is masked with probability ``p`` (the eps cut of a bound)."""
+        return float(self.t_of_alpha(torch.tensor(1.0 - p, dtype=torch.float64)))
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         """1 - alpha(t): probability that a token is masked at time t."""

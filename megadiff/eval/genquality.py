@@ -25,43 +25,46 @@ import torch
 
 from megadiff import MegadiffError
 
-STEPLESS = ("first_hitting",)  # samplers whose output does not depend on a step count
-
-
-# ----------------------------------------------------------------------------- sampling
-
 
 def sampler_kwargs(im: Any, sampler: str, steps: Optional[int] = None, block_length: Optional[int] = None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length: int = 64,
-                   remasking: str = "low_confidence", group: int = 1) -> dict:
-    """Keyword arguments of a registered sampler, filled from the run (schedule, EOS id)."""
-    from megadiff.diffusion.samplers import SAMPLERS
+                   remasking: str = "low_confidence", group: int = 1, cache: bool = True,
+                   stop_at_eos: bool = True) -> dict:
+    """Keyword arguments of a registered sampler, filled from its declared traits and the run (schedule,
+    EOS id). ``steps`` is the total for unblocked samplers and per block for blocked ones."""
+    from megadiff.diffusion.catalog import SAMPLERS
     from megadiff.diffusion.schedules import make_schedule
 
-    SAMPLERS.get(sampler)  # unknown name -> a clear error listing the registered ones
+    tr = SAMPLERS.traits(sampler)  # unknown name -> a clear error listing the registered ones
     kw: dict = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    sched = make_schedule(im.cfg.diffusion.schedule, im.cfg.diffusion.schedule_power)
-    if sampler == "ancestral":
-        kw.update(steps=steps or length, schedule=sched)
-    elif sampler == "first_hitting":
-        kw.update(group=group)
-    elif sampler == "llada":
-        kw.update(steps=steps or length, block_length=block_length, remasking=remasking)
-    elif sampler == "block":
-        bl = block_length or min(32, length)
-        kw.update(steps=steps or bl, block_length=bl, schedule=sched, eos_id=im.info.eos_id, pad_id=im.info.pad_id)
-    else:
-        kw.update(steps=steps or length)
+    if tr.grouped:
+        kw["group"] = group
+    if tr.blocks:
+        block_length = block_length or (min(tr.default_block, length) if tr.default_block else None)
+        kw["block_length"] = block_length
+    if not tr.stepless:
+        kw["steps"] = steps or (block_length if tr.default_block else length)
+    if tr.needs_schedule:
+        kw["schedule"] = make_schedule(im.cfg.diffusion.schedule, im.cfg.diffusion.schedule_power)
+    if tr.cacheable and not cache:
+        kw["cache"] = False
+    if tr.remasking:
+        kw["remasking"] = remasking
+    if tr.stops_at_eos and stop_at_eos:
+        kw.update(eos_id=im.info.eos_id, pad_id=im.info.pad_id)
     return kw
 
 
 def _expected_calls(sampler: str, kw: dict, n_masked: int) -> int:
-    if sampler == "first_hitting":
+    """Network calls a sampler makes for ``n_masked`` tokens (at most; caching makes fewer)."""
+    from megadiff.diffusion.catalog import SAMPLERS
+
+    tr = SAMPLERS.traits(sampler)
+    if tr.stepless:
         return math.ceil(n_masked / max(1, kw.get("group", 1)))
-    if sampler in ("llada", "block"):
-        bl = kw.get("block_length") or n_masked
-        return kw["steps"] * math.ceil(n_masked / bl)
-    return min(kw.get("steps", n_masked), n_masked) if sampler == "ancestral" else kw.get("steps", n_masked)
+    if tr.blocks:
+        return kw["steps"] * math.ceil(n_masked / (kw.get("block_length") or n_masked))
+    return min(kw["steps"], n_masked)
 
 
 def run_sampler(im: Any, canvas: torch.Tensor, sampler: str, kw: dict, seed: int = 0, batch_size: int = 8,
@@ -121,11 +124,13 @@ def check_scorer(path: str) -> None:
     """Cheap checks of --scorer (no model load): a megadiff checkpoint must be an `ar` one."""
     if _is_hf_dir(path):
         return
+    from megadiff.checkpoint.inference import resolve_checkpoint
     from megadiff.config import from_yaml_text
-    from megadiff.eval.runtime import resolve_checkpoint
 
     cfg = from_yaml_text((resolve_checkpoint(path) / "config.yaml").read_text())
-    if cfg.diffusion.objective != "ar":
+    from megadiff.diffusion.catalog import OBJECTIVES
+
+    if not OBJECTIVES.traits(cfg.diffusion.objective).is_autoregressive:
         raise MegadiffError(f"--scorer {path}: trained with diffusion.objective={cfg.diffusion.objective}; the scorer "
                             f"must be an autoregressive model (diffusion.objective=ar) or a local Hugging Face "
                             f"causal LM directory")
@@ -135,10 +140,10 @@ class ARScorer:
     """A megadiff checkpoint trained with ``diffusion.objective=ar``."""
 
     def __init__(self, path: str):
-        from megadiff.eval.runtime import load_for_inference
+        from megadiff.checkpoint.inference import load_for_inference
 
         self.im = load_for_inference(path)
-        if self.im.cfg.diffusion.objective != "ar":
+        if not self.im.traits.is_autoregressive:
             raise MegadiffError(f"--scorer {path}: trained with diffusion.objective={self.im.cfg.diffusion.objective}; "
                                 f"the scorer must be an autoregressive model (diffusion.objective=ar) or a local "
                                 f"Hugging Face causal LM directory")
@@ -255,6 +260,7 @@ def gen_quality(im: Any, scorer: Any, samplers: Sequence[str], steps_list: Seque
                 top_k: int = 0, top_p: float = 1.0, block_length: Optional[int] = None,
                 reference: Optional[np.ndarray] = None, progress: bool = True) -> dict:
     """Unconditional samples per (sampler, steps), scored; ``reference``: real [N, L] windows for comparison."""
+    from megadiff.diffusion.catalog import SAMPLERS
     from megadiff.eval.zeroshot import model_seq_len
 
     L = length or model_seq_len(im)
@@ -263,7 +269,7 @@ def gen_quality(im: Any, scorer: Any, samplers: Sequence[str], steps_list: Seque
     canvas = torch.full((num, L), im.info.mask_id, dtype=torch.int64)
     rows = []
     for sampler in samplers:
-        for steps in ([None] if sampler in STEPLESS else steps_list):
+        for steps in ([None] if SAMPLERS.traits(sampler).stepless else steps_list):
             kw = sampler_kwargs(im, sampler, steps=steps, block_length=block_length, temperature=temperature,
                                 top_k=top_k, top_p=top_p, length=L)
             t0 = time.perf_counter()

@@ -41,7 +41,7 @@ class MegadiffLM(LM):
                  steps: Optional[int] = None, temperature: float = 0.0, max_gen_toks: int = 64, device: str = "auto",
                  seed: int = 0, **_: Any):
         super().__init__()
-        from megadiff.eval.runtime import load_for_inference
+        from megadiff.checkpoint.inference import load_for_inference
 
         self.im = load_for_inference(pretrained, device=device)
         self.mc = int(mc_samples)
@@ -50,7 +50,7 @@ class MegadiffLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         self.max_len = int(self.im.cfg.model.max_seq_len)
-        self.ar = self.im.cfg.diffusion.objective == "ar"
+        self.ar = self.im.traits.is_autoregressive
         self.V, self.mask = self.im.info.vocab_size, self.im.info.mask_id
 
     # ------------------------------------------------------------------ helpers

@@ -132,9 +132,8 @@ def evaluate_set(im: Any, es: EvalSet, n_t: int = 8, batch_size: int = 8, seed: 
 
     dev = im.device
     batches = [torch.from_numpy(es.seqs[i : i + batch_size]).to(dev) for i in range(0, len(es.seqs), batch_size)]
-    objective = im.cfg.diffusion.objective
     t0 = time.perf_counter()
-    if objective == "ar":
+    if im.traits.is_autoregressive:
         r = _ar_nll(im.model_fn, batches, im.info.vocab_size, im.info.mask_id)
         out = {"metric": "nll", **r, "bits_per_token": r["nll"] / math.log(2)}
     else:

@@ -8,9 +8,11 @@ is [s, b, heads*head_dim] of this TP rank) and call a fused kernel:
 * ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
   kernels on GPU, the math kernel on CPU). Always available; the only backend on CPU.
 * ``flash`` — ``flash_attn.flash_attn_func`` (``causal=False`` for diffusion), if installed.
-* ``te``    — transformer-engine's ``TEDotProductAttention`` (mask type ``no_mask``), if installed.
+* ``te``    — transformer-engine's ``TEDotProductAttention`` (mask type ``no_mask``), if installed
+  (registered by ``megadiff/model/te_attention.py``, imported only when chosen).
 
-``auto`` picks te > flash > sdpa on CUDA and sdpa elsewhere. Whether attention is bidirectional
+Names and traits (package, CUDA only, preference of ``auto``) are declared in ``megadiff/model/catalog.py``:
+``auto`` picks te > flash > sdpa on CUDA among the installed ones, and sdpa elsewhere. Whether attention is bidirectional
 is the spec's ``attn_mask_type`` parameter (``AttnMaskType.no_mask`` vs ``causal``), which these
 modules honour; the mask tensor itself is never built.
 """
@@ -26,9 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from megadiff import MegadiffError
-from megadiff.registry import Registry
-
-ATTENTION_BACKENDS: Registry[type] = Registry("attention backend")
+from megadiff.model.catalog import ATTENTION_BACKENDS
 
 
 class _CoreAttentionBase(MegatronModule):
@@ -89,28 +89,21 @@ class FlashCoreAttention(_CoreAttentionBase):
         return out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
 
 
-def have_te() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def have_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def usable(name: str, device: str) -> bool:
+    """``name`` is installed and runs on ``device``."""
+    tr = ATTENTION_BACKENDS.traits(name)
+    return (not tr.cuda_only or device == "cuda") and (tr.package is None or importlib.util.find_spec(tr.package)
+                                                      is not None)
 
 
 def resolve_backend(name: str, device: str) -> str:
-    """Map ``auto`` to the best backend available on ``device``; check explicit choices exist."""
+    """Map ``auto`` to the best backend usable on ``device``; check that an explicit choice is usable."""
     if name == "auto":
-        if device == "cuda" and have_te():
-            return "te"
-        if device == "cuda" and have_flash_attn():
-            return "flash"
-        return "sdpa"
-    if name == "te" and not have_te():
-        raise MegadiffError("model.attention_backend=te but transformer-engine is not installed; use sdpa or auto")
-    if name == "flash" and not have_flash_attn():
-        raise MegadiffError("model.attention_backend=flash but flash-attn is not installed; use sdpa or auto")
-    if name in ("te", "flash") and device != "cuda":
+        ok = [n for n in ATTENTION_BACKENDS.names() if usable(n, device)]
+        return max(ok, key=lambda n: ATTENTION_BACKENDS.traits(n).auto_rank)
+    tr = ATTENTION_BACKENDS.traits(name)  # unknown name -> error listing the allowed ones
+    if tr.package is not None and importlib.util.find_spec(tr.package) is None:
+        raise MegadiffError(f"model.attention_backend={name} but {tr.package} is not installed; use sdpa or auto")
+    if tr.cuda_only and device != "cuda":
         raise MegadiffError(f"model.attention_backend={name} needs a CUDA device; use sdpa on CPU")
-    if name not in ("te",) and name not in ATTENTION_BACKENDS:
-        ATTENTION_BACKENDS.get(name)  # raises with the allowed list
     return name

@@ -21,7 +21,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megadiff.model.attention import ATTENTION_BACKENDS, resolve_backend
+from megadiff.model.attention import resolve_backend
+from megadiff.model.catalog import ATTENTION_BACKENDS
 from megadiff.model.presets import ModelShape, padded_vocab_size, resolve_shape
 
 
@@ -33,13 +34,13 @@ def layer_spec(arch: str, backend: str, causal: bool = False) -> ModuleSpec:
     """megatron's GPT layer spec with the attention mask type and core attention set by us."""
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     norm = "RMSNorm" if arch == "llama" else "LayerNorm"
-    if backend == "te":
+    if ATTENTION_BACKENDS.traits(backend).te_layers:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
     else:
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=norm))
-        spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS.get(backend)
+    spec.submodules.self_attention.submodules.core_attention = ATTENTION_BACKENDS.get(backend)
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask)
     return spec
 
@@ -145,11 +146,12 @@ class BuiltModel:
     fusions: dict[str, bool] = field(default_factory=dict)  # megatron fusions switched on (logged)
 
 
-def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg_collection=None,
+def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: int = 1, pp: int = 1, pg_collection=None,
                 pre_process: bool = True, post_process: bool = True, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                 vp_stage: Optional[int] = None, init_weights: bool = True) -> BuiltModel:
-    """Build this rank's part of the model (all of it when tp = pp = 1).
+    """Build this rank's part of the model (all of it when tp = pp = 1); ``causal`` for an autoregressive
+    objective (``config.is_causal``), bidirectional otherwise.
 
     ``init_weights=False`` with ``device="meta"`` builds the partition without allocating weights
     (the dry run)."""
@@ -162,7 +164,7 @@ def build_model(model_cfg: Any, vocab_size: int, *, tp: int = 1, pp: int = 1, pg
     vpad = padded_vocab_size(vocab_size, tp)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape.arch, backend, causal=bool(model_cfg.causal)),
+        transformer_layer_spec=layer_spec(shape.arch, backend, causal=causal),
         vocab_size=vpad,
         max_sequence_length=shape.max_seq_len,
         pre_process=pre_process,

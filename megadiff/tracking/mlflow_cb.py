@@ -174,7 +174,7 @@ class MLflowCallback(Callback):
             return
         keys = ("loss", "nelbo", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "data_wait_s", "mem_gib")
         metrics = {f"train/{k}": stats[k] for k in keys if _finite(stats[k])}
-        metrics["train/skipped_steps"] = trainer.nan_guard.total
+        metrics["train/skipped_steps"] = stats["skipped_steps"]
         self._log({"step": stats["step"], "ts": time.time(), "metrics": metrics})
 
     def on_eval(self, trainer, step, metrics) -> None:

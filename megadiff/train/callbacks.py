@@ -1,8 +1,10 @@
 """Trainer callbacks: the side concerns of training, each in its own small class.
 
-Hooks: ``on_fit_start(trainer)``, ``on_step_end(trainer, stats)``, ``on_fit_end(trainer, reason)``.
+Hooks: ``on_fit_start(trainer)``, ``on_step_end(trainer, stats)``, ``on_eval(trainer, step, metrics)``,
+``on_train_end(trainer, reason)`` (after the final save), ``on_fit_end(trainer, reason)`` (always, last).
 ``stats`` is a dict with at least step, loss, nelbo, grad_norm, lr, tokens_per_s, tflops, mfu,
-data_wait_s, mem_gib, skipped. Callbacks run on every rank; those that write check the rank.
+data_wait_s, mem_gib, skipped, skipped_steps. Callbacks run on every rank, in list order; those that
+write check the rank. A callback that stops the run asks ``trainer.preemption.request(reason)``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Callback:
     def on_step_end(self, trainer, stats: dict[str, Any]) -> None: ...
 
     def on_eval(self, trainer, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer, reason: str) -> None: ...
 
     def on_fit_end(self, trainer, reason: str) -> None: ...
 
@@ -86,22 +90,24 @@ class ProgressBar(Callback):
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}",
-                                 mfu=f"{stats['mfu']:.1%}", refresh=False)
+            util = {"mfu": f"{stats['mfu']:.1%}"} if trainer.peak_tflops > 0 else {"tflops": f"{stats['tflops']:.2f}"}
+            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}", **util,
+                                 refresh=False)
         if stats["step"] % self.log_interval == 0 or stats["step"] == trainer.max_steps:
+            # MFU only where the device's peak is known (trainer.peak_tflops or a known GPU), never "0.0%"
+            mfu = f" | mfu {stats['mfu']:.1%}" if trainer.peak_tflops > 0 else ""
             msg = (f"step {stats['step']:>6} | loss {stats['loss']:.4f} | nelbo {stats['nelbo']:.4f} | "
                    f"grad {stats['grad_norm']:.3f} | lr {stats['lr']:.2e} | {stats['tokens_per_s']:.0f} tok/s | "
-                   f"{stats['tflops']:.2f} TFLOP/s | mfu {stats['mfu']:.1%} | data {stats['data_wait_s'] * 1e3:.1f} ms | "
+                   f"{stats['tflops']:.2f} TFLOP/s{mfu} | data {stats['data_wait_s'] * 1e3:.1f} ms | "
                    f"mem {stats['mem_gib']:.2f} GiB")
             (self.bar.write if self.bar is not None else print)(msg)
 
     def on_eval(self, trainer, step, metrics):
         if trainer.ctx.is_logging_rank:
-            if trainer.cfg.diffusion.objective == "ar":  # exact likelihood, not a bound
-                msg = f"eval  step {step:>6} | val nll {metrics['nelbo']:.4f} nats/token | ppl {metrics['ppl_bound']:.2f}"
-            else:
-                msg = (f"eval  step {step:>6} | val nelbo {metrics['nelbo']:.4f} nats/token | "
-                       f"ppl bound {metrics['ppl_bound']:.2f}")
+            tr = trainer.objective.traits
+            ppl = "ppl bound" if tr.val_is_bound else "ppl"
+            msg = (f"eval  step {step:>6} | val {tr.val_metric} {metrics['nelbo']:.4f} nats/token | "
+                   f"{ppl} {metrics['ppl_bound']:.2f}")
             (self.bar.write if self.bar is not None else print)(msg)
 
     def on_fit_end(self, trainer, reason):
@@ -110,21 +116,19 @@ class ProgressBar(Callback):
 
 
 class NaNGuard(Callback):
-    """Counts non-finite steps (the trainer skips their update); aborts after K in a row."""
+    """Aborts after K non-finite steps in a row (the trainer skips their update and counts them)."""
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
-        self.total = 0
 
     def on_step_end(self, trainer, stats):
         if stats["skipped"]:
             self.consecutive += 1
-            self.total += 1
             if self.consecutive >= self.max_consecutive:
                 raise MegadiffError(
                     f"training diverged: {self.consecutive} consecutive steps had a non-finite loss "
-                    f"(last at step {stats['step']}, {self.total} skipped in all). Lower optim.lr, raise "
+                    f"(last at step {stats['step']}, {stats['skipped_steps']} skipped in all). Lower optim.lr, raise "
                     f"optim.warmup_steps, or resume from an earlier checkpoint in {trainer.ckpt.root}"
                 )
         else:
@@ -155,8 +159,12 @@ class Preemption(Callback):
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, _frame):
-        self.requested = True
-        self.reason = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Stop after this step: save, exit with REQUEUE_EXIT_CODE (the first reason is kept)."""
+        if not self.requested:
+            self.requested, self.reason = True, reason
 
     def on_fit_start(self, trainer):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -175,12 +183,48 @@ class Preemption(Callback):
 
 
 class Checkpointing(Callback):
+    """A save every ``interval`` steps (the final save is the trainer's)."""
+
     def __init__(self, interval: int):
         self.interval = interval
 
     def on_step_end(self, trainer, stats):
         if self.interval > 0 and stats["step"] % self.interval == 0 and stats["step"] < trainer.max_steps:
             trainer.save()
+
+
+class EvalCadence(Callback):
+    """Validation every ``interval`` steps and at the last step (0: never); results go to every callback."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def on_step_end(self, trainer, stats):
+        step = stats["step"]
+        if self.interval > 0 and trainer.valid and (step % self.interval == 0 or step == trainer.max_steps):
+            trainer.evaluate_and_log()
+
+
+class ChunkedStop(Callback):
+    """Chunked jobs: stop (save, exit 75 = requeue) when this invocation *reaches* ``stop_after`` from below,
+    or after ``steps_per_invocation`` steps of this invocation. Re-running the same command resumes and
+    goes on: a run already at or past ``stop_after`` is not stopped by it again."""
+
+    def __init__(self, stop_after: int = 0, steps_per_invocation: int = 0):
+        self.stop_after, self.per_invocation = stop_after, steps_per_invocation
+        self.start = 0
+
+    def on_fit_start(self, trainer):
+        self.start = trainer.step
+
+    def on_step_end(self, trainer, stats):
+        step = stats["step"]
+        if step >= trainer.max_steps:
+            return
+        if 0 < self.stop_after == step and self.start < self.stop_after:
+            trainer.preemption.request(f"trainer.stop_after={step}")
+        elif self.per_invocation > 0 and step - self.start >= self.per_invocation:
+            trainer.preemption.request(f"trainer.steps_per_invocation={self.per_invocation}")
 
 
 def memory_gib(device: torch.device) -> float:

@@ -90,6 +90,25 @@ def spawn_workers(args) -> int:
     return 75 if 75 in codes.values() else 0
 
 
+def build_callbacks(cfg) -> list:
+    """The callbacks of `megadiff train`, in the order they run each step (see train/callbacks.py)."""
+    from pathlib import Path
+
+    from megadiff.eval.callbacks import EndOfRunSamples
+    from megadiff.train import callbacks as cb
+
+    tc, run_dir = cfg.trainer, Path(cfg.trainer.run_dir)
+    cbs = [cb.MetricsFile(run_dir), cb.ProgressBar(tc.progress, tc.log_interval), cb.NaNGuard(tc.nan_max_consecutive),
+           cb.Checkpointing(tc.save_interval), cb.EvalCadence(tc.eval_interval),
+           cb.ChunkedStop(tc.stop_after, tc.steps_per_invocation)]
+    if cfg.tracking.enabled:
+        from megadiff.tracking.mlflow_cb import MLflowCallback
+
+        cbs.append(MLflowCallback(cfg, run_dir))
+    cbs.append(EndOfRunSamples(tc.num_samples, tc.sample_steps, tc.seed))
+    return cbs
+
+
 def run(args) -> int:
     from megadiff.config import load_config
 
@@ -106,4 +125,4 @@ def run(args) -> int:
     install_early_signal_handlers()
     from megadiff.train.trainer import run_training
 
-    return run_training(cfg)
+    return run_training(cfg, build_callbacks(cfg))

@@ -31,6 +31,7 @@ def build_stage(cfg: Any, vocab_size: int, world: int, stage: int) -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from megadiff.config import is_causal
     from megadiff.model.build import build_model
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -42,7 +43,7 @@ def build_stage(cfg: Any, vocab_size: int, world: int, stage: int) -> dict:
         pg = ProcessGroupCollection.use_mpu_process_groups()
         bf16 = cfg.trainer.precision in ("bf16", "auto")
         with torch.device("meta"):
-            built = build_model(cfg.model, vocab_size, tp=tp, pp=pp, pg_collection=pg,
+            built = build_model(cfg.model, vocab_size, causal=is_causal(cfg), tp=tp, pp=pp, pg_collection=pg,
                                 pre_process=stage == 0, post_process=stage == pp - 1, device="meta",
                                 dtype=torch.bfloat16 if bf16 else torch.float32, init_weights=False,
                                 sequence_parallel=cfg.parallel.sequence_parallel)

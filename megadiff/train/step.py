@@ -18,23 +18,24 @@ from megadiff.diffusion.noise import make_noise, random_length
 from megadiff.model.build import position_ids_for
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
-    """What forward_step needs to know about the current step."""
+    """What forward_step needs besides the step number: the objective and how its noise is drawn."""
 
     objective: Any
     diffusion_cfg: Any
     global_batch: int
-    step: int = 0
     noise_seed: int = 0
+    t_min: float | None = None  # lower end of t ~ U(t_min, 1); None: diffusion.eps (the training cut)
 
 
-def make_forward_step(sc: StepContext):
+def make_forward_step(sc: StepContext, step: int):
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         x0 = mb["tokens"]
         dc = sc.diffusion_cfg
-        noise = make_noise(sc.noise_seed, sc.step, mb["sample_ids"], x0.shape[1], eps=dc.eps,
+        eps = dc.eps if sc.t_min is None else sc.t_min
+        noise = make_noise(sc.noise_seed, step, mb["sample_ids"], x0.shape[1], eps=eps,
                            antithetic=dc.antithetic, global_batch=sc.global_batch, device=x0.device)
         model_input, aux = sc.objective.prepare(x0, noise)
         output = model(model_input, position_ids_for(model_input), None)
@@ -60,14 +61,15 @@ def to_device(mbs: Iterable[dict], device: torch.device, length: int | None = No
     return out
 
 
-def run_forward_backward(ddp_model, mbs: list[dict], sc: StepContext, ctx, forward_only: bool) -> torch.Tensor:
+def run_forward_backward(ddp_model, mbs: list[dict], sc: StepContext, step: int, ctx,
+                         forward_only: bool) -> torch.Tensor:
     """One global-batch pass on this rank. Returns [loss_sum, tokens] summed over micro batches
     (non-zero only on the last pipeline stage)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
     seq = mbs[0]["tokens"].shape[1]
-    out = fb(forward_step_func=make_forward_step(sc), data_iterator=iter(mbs), model=[ddp_model],
+    out = fb(forward_step_func=make_forward_step(sc, step), data_iterator=iter(mbs), model=[ddp_model],
              num_microbatches=len(mbs), seq_length=seq, micro_batch_size=mbs[0]["tokens"].shape[0],
              decoder_seq_length=seq, forward_only=forward_only)
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
@@ -84,7 +86,7 @@ def global_sum(vec: torch.Tensor, ctx) -> torch.Tensor:
     return v
 
 
-def step_length(sc: StepContext, seq_len: int) -> int:
+def step_length(sc: StepContext, step: int, seq_len: int) -> int:
     """LLaDA random-length crop: identical on every rank (a function of seed and step)."""
     p = float(sc.diffusion_cfg.random_length_prob)
-    return random_length(sc.noise_seed, sc.step, seq_len, p)
+    return random_length(sc.noise_seed, step, seq_len, p)

@@ -1,7 +1,12 @@
 """The trainer: set-up, a short ``fit()`` loop, and callbacks for everything else.
 
-    trainer = Trainer(cfg)          # parallel groups, data, model, DDP, optimizer, objective, resume
-    reason = trainer.fit()          # "done" | "preempted" (exit code 75 asked of the launcher)
+    trainer = Trainer(cfg, callbacks)   # parallel groups, data, model, DDP, optimizer, objective, resume
+    reason = trainer.fit()              # "done" | "preempted" (exit code 75 asked of the launcher)
+
+The caller chooses the callbacks (``megadiff train`` builds them in ``train/cli.py``: metrics file,
+progress, NaN guard, checkpoint and eval cadence, chunked-job stops, MLflow, end-of-run samples); the
+trainer itself owns only what its loop cannot do without: the preemption flag, which every rank must
+agree on within the step's one collective.
 """
 
 from __future__ import annotations
@@ -12,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megadiff import MegadiffError
 from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
-from megadiff.config import check_batch_layout, default_dataset_refs, to_yaml
+from megadiff.config import check_batch_layout, default_dataset_refs, is_causal, to_yaml
 from megadiff.train import callbacks as cb
 from megadiff.train.lr import lr_at
 from megadiff.train.step import StepContext, global_sum, run_forward_backward, step_length, to_device
 
 
 class Trainer:
-    def __init__(self, cfg: Any, extra_callbacks: list[cb.Callback] | None = None):
+    def __init__(self, cfg: Any, callbacks: list[cb.Callback] | None = None):
         from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat
         from megadiff.diffusion.objectives import make_objective
         from megadiff.diffusion.schedules import make_schedule
@@ -64,12 +68,12 @@ class Trainer:
         # model
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and ctx.device.type == "cuda")
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        cfg.model.causal = cfg.diffusion.objective == "ar"
+        causal = is_causal(cfg)
         from megatron.core import parallel_state as ps
 
         # the vocab is padded for this TP; a checkpoint saved at another TP (other padding) still loads:
         # megatron marks the embedding/output shards allow_shape_mismatch (rows beyond the vocab are unused)
-        built = build_model(cfg.model, self.info.vocab_size, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
+        built = build_model(cfg.model, self.info.vocab_size, causal=causal, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                             device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
         self.built = built
@@ -88,24 +92,16 @@ class Trainer:
         self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed)
 
         # accounting
-        self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=cfg.model.causal)
+        self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
         peak = tc.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name()) if ctx.device.type == "cuda" else 0)
         self.peak_tflops = float(peak or 0.0)
         self.max_steps = tc.max_steps
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0  # non-finite steps whose update was skipped
         self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every)
         self.preemption = cb.Preemption(tc.max_wall_minutes)
-        self.nan_guard = cb.NaNGuard(tc.nan_max_consecutive)
-        self.callbacks: list[cb.Callback] = [
-            cb.MetricsFile(self.run_dir), cb.ProgressBar(tc.progress, tc.log_interval), self.nan_guard,
-            self.preemption, cb.Checkpointing(tc.save_interval),
-        ]
-        if cfg.tracking.enabled:
-            from megadiff.tracking.mlflow_cb import MLflowCallback
-
-            self.callbacks.append(MLflowCallback(cfg, self.run_dir))
-        self.callbacks += extra_callbacks or []
+        self.callbacks: list[cb.Callback] = [self.preemption, *(callbacks or [])]
         self.resume()
 
     # ---------------------------------------------------------------- checkpoints
@@ -136,21 +132,21 @@ class Trainer:
 
         t0 = time.perf_counter()
         mbs = self.loader.next_global()
-        self.sc.step = self.step
-        length = step_length(self.sc, self.seq_len)
+        length = step_length(self.sc, self.step, self.seq_len)
         mbs = to_device(mbs, self.ctx.device, length)
         t_data = time.perf_counter() - t0
         lr = lr_at(self.step, self.cfg.optim, self.max_steps)
         set_lr(self.optimizer, lr, self.cfg.optim.weight_decay)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        local = run_forward_backward(self.model, mbs, self.sc, self.ctx, forward_only=False)
+        local = run_forward_backward(self.model, mbs, self.sc, self.step, self.ctx, forward_only=False)
         flag = torch.tensor([1.0 if self.preemption.local_flag() else 0.0], dtype=torch.float64,
                             device=self.ctx.device)
         stats = global_sum(torch.cat([local, flag]), self.ctx)  # one collective: loss, tokens, stop
         loss_sum, tokens, stop = stats.tolist()
         loss = loss_sum / max(tokens, 1.0)
         skipped = not math.isfinite(loss)
+        self.skipped_steps += skipped
         grad_norm = float("nan")
         if not skipped:
             _, grad_norm, _ = self.optimizer.step()
@@ -167,11 +163,13 @@ class Trainer:
         if stop > 0:
             self.preemption.requested = True
         return {
-            "step": self.step, "loss": loss, "nelbo": loss if self.cfg.diffusion.objective in ("mdlm", "ar") else float("nan"),
+            "step": self.step, "loss": loss,
+            "nelbo": loss if self.objective.traits.train_loss_is_val_metric else float("nan"),
             "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tps,
             "tflops": tps * self.flops_tok / 1e12 / self.ctx.world, "mfu": mfu(tps / self.ctx.world, self.flops_tok,
                                                                                self.peak_tflops),
-            "data_wait_s": t_data, "mem_gib": cb.memory_gib(self.ctx.device), "skipped": skipped, "step_s": dt,
+            "data_wait_s": t_data, "mem_gib": cb.memory_gib(self.ctx.device), "skipped": skipped,
+            "skipped_steps": self.skipped_steps, "step_s": dt,
         }
 
     def fit(self) -> str:
@@ -183,17 +181,12 @@ class Trainer:
                 stats = self.train_step()
                 for c in self.callbacks:
                     c.on_step_end(self, stats)
-                ei = self.cfg.trainer.eval_interval
-                if ei > 0 and self.valid and (self.step % ei == 0 or self.step == self.max_steps):
-                    self.evaluate_and_log()
-                if 0 < self.cfg.trainer.stop_after <= self.step < self.max_steps and not self.preemption.requested:
-                    self.preemption.requested, self.preemption.reason = True, f"trainer.stop_after={self.step}"
                 if self.preemption.requested:
                     reason = "preempted"
                     break
             self.save()
-            if reason == "done" and self.cfg.trainer.num_samples > 0:
-                self.generate_samples()
+            for c in self.callbacks:
+                c.on_train_end(self, reason)
         finally:
             for c in self.callbacks:
                 c.on_fit_end(self, reason)
@@ -205,25 +198,28 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self, n_batches: int | None = None, n_t: int | None = None) -> dict[str, float]:
-        """NELBO (nats/token) on the validation split: ``n_batches`` global batches (the first rows of
-        the split in a fixed seeded order) x ``n_t`` antithetic time points, identical for every call
-        and every TP/PP/DP layout, so evals are comparable; distributed through megatron's
-        forward-only schedule. For ``ar`` it is the exact NLL (n_t = 1)."""
+        """The validation metric (``objective.traits.val_metric``, nats/token) on the validation split:
+        ``n_batches`` global batches (the first rows of the split in a fixed seeded order) x ``n_t``
+        antithetic time points, identical for every call and every TP/PP/DP layout, so evals are
+        comparable; distributed through megatron's forward-only schedule. Diffusion objectives report the
+        NELBO of the run's schedule (whatever their training weighting) with t cut where the mask
+        probability is diffusion.eps; ``ar`` reports the exact NLL (n_t = 1). Returned under "nelbo"."""
         from megadiff.data.loader import GlobalBatchLoader
 
         tc = self.cfg.trainer
         n_batches = n_batches or tc.eval_batches
-        n_t = n_t or (tc.eval_n_t if self.cfg.diffusion.objective != "ar" else 1)
+        n_t = n_t or (1 if self.objective.traits.is_autoregressive else tc.eval_n_t)
         gb = tc.global_batch  # layout-invariant: the same validation rows and noise for any TP/PP/DP
         loader = GlobalBatchLoader(self.valid, None, gb, tc.micro_batch, self.ctx.dp_rank, self.ctx.dp, seed=0)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        sc = StepContext(self.objective, self.cfg.diffusion, gb, noise_seed=10_000 + self.cfg.diffusion.seed)
+        sc = StepContext(self.objective.for_validation(), self.cfg.diffusion, gb,
+                         noise_seed=10_000 + self.cfg.diffusion.seed,
+                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps))
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
-                sc.step = k
-                total += run_forward_backward(self.model, mbs, sc, self.ctx, forward_only=True)
+                total += run_forward_backward(self.model, mbs, sc, k, self.ctx, forward_only=True)
         self.model.train()
         s = global_sum(total, self.ctx)
         nelbo = float(s[0] / s[1].clamp(min=1))
@@ -234,12 +230,6 @@ class Trainer:
         for c in self.callbacks:
             c.on_eval(self, self.step, metrics)
         return metrics
-
-    def generate_samples(self) -> None:
-        """Unconditional samples at the end of training, written to run_dir/samples.jsonl."""
-        from megadiff.eval.runtime import generate_from_trainer
-
-        generate_from_trainer(self)
 
 
 def _has_split(ref) -> bool:
@@ -255,9 +245,9 @@ def _has_split(ref) -> bool:
     return True
 
 
-def run_training(cfg: Any) -> int:
-    """Entry point used by `megadiff train`: returns the process exit code."""
-    trainer = Trainer(cfg)
+def run_training(cfg: Any, callbacks: list[cb.Callback] | None = None) -> int:
+    """Train with these callbacks; returns the process exit code (0 done, 75 preempted)."""
+    trainer = Trainer(cfg, callbacks)
     reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
 
@@ -266,4 +256,4 @@ def run_training(cfg: Any) -> int:
     return cb.REQUEUE_EXIT_CODE if reason == "preempted" else 0
 
 
-__all__ = ["Trainer", "run_training", "dist"]
+__all__ = ["Trainer", "run_training"]

@@ -1,4 +1,4 @@
-"""Models for inference: load a trained checkpoint into one process, or reuse the trainer's model.
+"""Models for inference: load a trained checkpoint into one process (TP=1, PP=1).
 
     im = load_for_inference("runs/demo/train")          # a run dir (uses checkpoints/latest) or a step dir
     logits = im.model_fn(tokens)                        # [B, L] -> [B, L, V_padded], no grad, eval mode
@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from megadiff import MegadiffError
+from megadiff.checkpoint.manager import CKPT_METADATA, CheckpointManager, step_dir_name
 
 
 @dataclass
@@ -30,11 +31,16 @@ class InferenceModel:
     ckpt_dir: Path
     device: torch.device
 
+    @property
+    def traits(self) -> Any:
+        """The objective's traits (megadiff/diffusion/catalog.py): autoregressive or not, bound or exact."""
+        from megadiff.diffusion.catalog import OBJECTIVES
+
+        return OBJECTIVES.traits(self.cfg.diffusion.objective)
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run dir, a checkpoints dir, or a step dir -> the step dir to load."""
-    from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
-
     p = Path(path)
     if (p / "megadiff.json").exists():
         return p
@@ -47,7 +53,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                         f"checkpoints/step_XXXXXX directory (train one with `megadiff train CONFIG`)")
 
 
-def _model_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
+def model_fn_of(model) -> Callable[[torch.Tensor], torch.Tensor]:
     from megadiff.model.build import forward_logits
 
     @torch.no_grad()
@@ -82,7 +88,7 @@ def check_data_tokenizer(ckpt: Path, data_dir: str | Path) -> None:
 
 
 def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | None = None) -> InferenceModel:
-    from megadiff.config import from_yaml_text, train_data_dir
+    from megadiff.config import from_yaml_text, is_causal, train_data_dir
     from megadiff.data.tokenizer import load_from_dir
 
     ckpt = resolve_checkpoint(path)
@@ -94,12 +100,11 @@ def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | N
 
     from megatron.core import dist_checkpointing
 
-    from megadiff.checkpoint.manager import CKPT_METADATA
     from megadiff.dist.parallel import init_parallel
     from megadiff.model.build import build_model
 
     ctx = init_parallel(1, 1, device, "auto", seed=0)
-    built = build_model(cfg.model, info.vocab_size, pg_collection=ctx.pg, device=ctx.device.type)
+    built = build_model(cfg.model, info.vocab_size, causal=is_causal(cfg), pg_collection=ctx.pg, device=ctx.device.type)
     model = built.model
     sd = model.sharded_state_dict(prefix="", metadata=CKPT_METADATA)
     try:
@@ -108,35 +113,4 @@ def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | N
         raise MegadiffError(f"could not load the model weights of {ckpt}: {type(e).__name__}: {str(e)[:300]}") from e
     model.load_state_dict(state["model"], strict=False)
     model.eval()
-    return InferenceModel(model, _model_fn(model), tokenizer, info, cfg, int(meta["step"]), ckpt, ctx.device)
-
-
-def generate_from_trainer(trainer) -> None:
-    """End-of-training samples (unconditional), written to <run_dir>/samples.jsonl by rank 0.
-
-    Every rank runs the sampler with the same seed, so TP peers feed identical inputs to the
-    sharded model. Skipped under pipeline parallelism (use `megadiff sample` on the checkpoint).
-    """
-    from megadiff.data.tokenizer import load_from_dir
-    from megadiff.eval.generate import generate
-
-    tc = trainer.cfg.trainer
-    if trainer.ctx.pp > 1:
-        if trainer.ctx.rank == 0:
-            print("samples skipped under pipeline parallelism; run `megadiff sample` on the checkpoint", flush=True)
-        return
-    tokenizer, _ = load_from_dir(trainer.cfg.data.train[0].path)
-    model = trainer.built.model
-    model.eval()
-    out = trainer.run_dir / "samples.jsonl" if trainer.ctx.rank == 0 else None
-    recs = generate(_model_fn(model), tokenizer, [""] * tc.num_samples, gen_length=trainer.seq_len,
-                    sampler="ancestral", sampler_kwargs={"steps": tc.sample_steps}, batch_size=tc.num_samples,
-                    seed=tc.seed, vocab_size=trainer.info.vocab_size, mask_id=trainer.info.mask_id,
-                    device=trainer.ctx.device, out_path=None, progress=False)
-    model.train()
-    if out is not None:
-        from megadiff.utils.io import atomic_write_text
-
-        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in recs))
-        for i, r in enumerate(recs):
-            print(f"--- sample {i} ({r['nfe']} network calls, {r['seconds']:.1f} s)\n{r['sample'][:600]}", flush=True)
+    return InferenceModel(model, model_fn_of(model), tokenizer, info, cfg, int(meta["step"]), ckpt, ctx.device)
