@@ -72,8 +72,9 @@ def test_forecast_within_20_percent_of_measured_peak(name, tmp_path):
 
 def test_recompute_modes_give_the_same_gradients_and_full_saves_activation_memory(tmp_path):
     spec = {"num_layers": 4, "hidden_size": 64, "vocab": 300, "seq": 64, "micro_batch": 2, "kv_groups": 2}
-    probe(dict(spec, recompute_modes=["none", "selective", "full"], grads=str(tmp_path / "g")), tmp_path / "g.json")
-    res = torch.load(tmp_path / "g.rank0", weights_only=True)
+    modes = ["none", "selective", "full"]
+    probe(dict(spec, variants=[{"recompute": m} for m in modes], grads=str(tmp_path / "g")), tmp_path / "g.json")
+    res = dict(zip(modes, torch.load(tmp_path / "g.rank0", weights_only=True)))
     ref = res["none"]
     assert float(ref["loss"][0]) > 0
     for mode in ("selective", "full"):

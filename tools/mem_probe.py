@@ -18,9 +18,10 @@ once the model, DDP buffers and optimizer are built, and read after the steps; r
     peak      : VmHWM during the steps - base_rss   (what the memory model forecasts)
     step_s    : mean wall time of the steps after the first
 
-With ``"grads": PATH, "recompute_modes": [...]`` the probe instead builds the model once per recompute
-mode (same seed) and saves this rank's loss and gradients after one forward-backward (no optimizer
-step) to PATH.rank<r>, for the recompute equivalence test.
+``"loss_path"``: fused (default) | logits, as ``trainer.loss_path``.
+With ``"grads": PATH, "variants": [{"recompute": ..., "loss_path": ...}, ...]`` the probe instead builds
+the model once per variant (same seed, same batch) and saves this rank's [loss_sum, tokens] and
+gradients after one forward-backward (no optimizer step) to PATH.rank<r>, for the equivalence tests.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def reset_hwm() -> None:
         f.write("5")
 
 
-def model_cfg(spec: dict):
+def model_cfg(spec: dict, recompute: str):
     from omegaconf import OmegaConf
 
     from megadiff.config import ModelConfig
@@ -63,7 +64,7 @@ def model_cfg(spec: dict):
     return OmegaConf.structured(ModelConfig(
         arch=spec.get("arch", "llama"), num_layers=spec["num_layers"], hidden_size=spec["hidden_size"],
         num_attention_heads=spec.get("heads", 4), num_query_groups=spec.get("kv_groups"),
-        max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=spec["recompute"],
+        max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=recompute,
         recompute_num_layers=spec.get("recompute_num_layers")))
 
 
@@ -84,11 +85,14 @@ def main(spec: dict, out_path: str) -> None:
     V, S, mb, n_mb = spec["vocab"], spec["seq"], spec["micro_batch"], spec.get("num_micro", 1)
     dcfg = OmegaConf.structured(DiffusionConfig(objective=spec.get("objective", "mdlm")))
     obj = make_objective(dcfg, make_schedule(dcfg), mask_id=V - 1, vocab_size=V)
+    causal = obj.traits.needs_causal_mask
     gen = torch.Generator().manual_seed(0)
     gb = mb * n_mb * ctx.dp
     batches = [[{"tokens": torch.randint(0, V - 1, (mb, S), generator=gen),
                  "sample_ids": torch.arange(mb) + i * mb} for i in range(n_mb)] for _ in range(spec.get("steps", 2))]
-    sc = StepContext(obj, dcfg, gb, noise_seed=0)
+
+    def step_ctx(loss_path: str) -> StepContext:
+        return StepContext(obj, dcfg, gb, noise_seed=0, loss_path=loss_path)
     import gc
 
     gc.collect()
@@ -98,7 +102,7 @@ def main(spec: dict, out_path: str) -> None:
 
     def build(recompute: str):
         torch.manual_seed(1234)
-        built = build_model(model_cfg(dict(spec, recompute=recompute)), V, tp=tp, pp=pp, pg_collection=ctx.pg,
+        built = build_model(model_cfg(spec, recompute), V, causal=causal, tp=tp, pp=pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
         tconf = built.config
         tconf.calculate_per_token_loss = True
@@ -110,14 +114,15 @@ def main(spec: dict, out_path: str) -> None:
         return built, ddp, opt
 
     res = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "base_rss": base}
-    if spec.get("grads"):  # one forward-backward per recompute mode, same weights and batch
-        saved = {}
-        for mode in spec["recompute_modes"]:
-            built, ddp, _ = build(mode)
+    if spec.get("grads"):  # one forward-backward per variant, same weights and batch
+        saved = []
+        for var in spec["variants"]:
+            built, ddp, _ = build(var.get("recompute", "none"))
             ddp.zero_grad_buffer()
-            out = run_forward_backward(ddp, batches[0], sc, ctx, forward_only=False)
-            saved[mode] = {"loss": out, "grads": {n: p.main_grad.detach().clone()
-                                                  for n, p in ddp.module.named_parameters()}}
+            out = run_forward_backward(ddp, batches[0], step_ctx(var.get("loss_path", "fused")), 0, ctx,
+                                       forward_only=False)
+            saved.append({"loss": out, "grads": {n: p.main_grad.detach().clone()
+                                                 for n, p in ddp.module.named_parameters()}})
         torch.save(saved, f"{spec['grads']}.rank{ctx.rank}")
     else:
         built, ddp, opt = build(spec.get("recompute", "none"))
@@ -129,11 +134,10 @@ def main(spec: dict, out_path: str) -> None:
                 res["static"] = rss_bytes() - base
                 reset_hwm()
             t0 = time.perf_counter()
-            sc.step = i
             set_lr(opt, 1e-4, 0.0)
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            run_forward_backward(ddp, mbs, sc, ctx, forward_only=False)
+            run_forward_backward(ddp, mbs, step_ctx(spec.get("loss_path", "fused")), i, ctx, forward_only=False)
             opt.step()
             times.append(time.perf_counter() - t0)
         res["peak"] = hwm_bytes() - base

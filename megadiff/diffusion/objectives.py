@@ -44,6 +44,17 @@ class DiffusionAux:
     weight: torch.Tensor  # [B] float32, per-token weight of the masked CE
 
 
+@dataclass
+class LossRows:
+    """The positions that carry loss, so that a loss head can score those rows only (the training step's
+    fused path, megadiff/model/loss_head.py): ``loss_from_ce`` turns their CE into the same ``LossOut``
+    as ``loss`` on full logits."""
+
+    select: torch.Tensor  # [B, L] bool: positions whose output row is scored
+    target: torch.Tensor  # [N] long: target token of each selected position (row-major order)
+    weight: torch.Tensor  # [N] float32: weight of each selected position's CE in loss_sum
+
+
 def restrict_logits(logits: torch.Tensor, vocab_size: int, mask_id: int | None) -> torch.Tensor:
     """float32 logits over the real vocab with the mask column at -inf (SUBS); drops padded columns."""
     out = logits[..., :vocab_size].float()
@@ -84,6 +95,14 @@ class Objective:
     def loss(self, logits: torch.Tensor, x0: torch.Tensor, aux: Any) -> LossOut:
         raise NotImplementedError
 
+    def loss_rows(self, x0: torch.Tensor, aux: Any) -> LossRows:
+        raise NotImplementedError
+
+    def loss_from_ce(self, ce: torch.Tensor, loss_sum: torch.Tensor, rows: LossRows, x0: torch.Tensor,
+                     aux: Any) -> LossOut:
+        """``LossOut`` from the CE of the selected rows (``ce`` detached, ``loss_sum`` = sum weight x ce)."""
+        raise NotImplementedError
+
 
 class _MaskedDiffusion(Objective):
     """Shared body: loss_sum = sum_b weight_b * sum_{l masked} CE(b, l); tokens = B * L."""
@@ -105,6 +124,14 @@ class _MaskedDiffusion(Objective):
             "ce_sum": ce_m.sum().detach(),
             "t_sum": aux.t.float().sum().detach(),
         }
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
+
+    def loss_rows(self, x0, aux: DiffusionAux):
+        sel = aux.masked
+        return LossRows(sel, x0[sel], aux.weight[:, None].expand_as(x0)[sel])
+
+    def loss_from_ce(self, ce, loss_sum, rows, x0, aux: DiffusionAux):
+        metrics = {"masked": rows.select.sum().detach(), "ce_sum": ce.sum(), "t_sum": aux.t.float().sum().detach()}
         return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
 
 
@@ -161,6 +188,18 @@ class Autoregressive(Objective):
             "t_sum": torch.zeros((), device=x0.device),
         }
         return LossOut(ce.sum(), torch.tensor(n, device=x0.device), metrics)
+
+    def loss_rows(self, x0, aux=None):
+        sel = torch.ones_like(x0, dtype=torch.bool)
+        sel[:, -1] = False  # position l predicts x0[l + 1]; the last position has no target
+        target = x0[:, 1:].reshape(-1)
+        return LossRows(sel, target, torch.ones(target.shape, dtype=torch.float32, device=x0.device))
+
+    def loss_from_ce(self, ce, loss_sum, rows, x0, aux=None):
+        n = ce.numel()
+        metrics = {"masked": torch.tensor(n, device=x0.device), "ce_sum": ce.sum(),
+                   "t_sum": torch.zeros((), device=x0.device)}
+        return LossOut(loss_sum, torch.tensor(n, device=x0.device), metrics)
 
 
 def make_objective(cfg_diffusion: Any, schedule: Schedule, mask_id: int, vocab_size: int) -> Objective:
