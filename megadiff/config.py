@@ -150,6 +150,7 @@ class TrainerConfig:
     micro_batch: int = 8  # sequences per micro batch per data-parallel rank
     global_batch: int = 32  # = micro_batch x grad accumulation x DP (checked)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    loss_path: str = "fused"  # fused: loss rows only, vocab-parallel chunked linear+CE | logits: full logits (reference)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # model init
     log_interval: int = 10
@@ -205,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their tor
     "optim.lr_schedule": tuple(LR_SCHEDULES.names()),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.loss_path": ("fused", "logits"),
     "trainer.device": ("auto", "cpu", "cuda"),
 }
 

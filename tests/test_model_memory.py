@@ -43,13 +43,14 @@ def forecast_for(spec: dict) -> list:
                                           max_seq_len=spec["seq"]))
     tp = spec.get("tp", 1)
     lay = Layout(tp=tp, micro_batch=spec["micro_batch"], seq=spec["seq"], recompute=spec.get("recompute", "none"),
-                 bf16=False, loss_path=spec.get("loss_path", "logits"))
+                 bf16=False, loss_path=spec.get("loss_path", "fused"))
     return forecast(resolve_shape(mc), padded_vocab_size(spec["vocab"], tp), lay)
 
 
 CONFIGS = {
     "llama-v32k": {"num_layers": 2, "hidden_size": 256, "vocab": 32000, "seq": 256, "micro_batch": 2},
-    "llama-4L-none": {"num_layers": 4, "hidden_size": 256, "vocab": 4000, "seq": 512, "micro_batch": 4},
+    "llama-4L-none-logits": {"num_layers": 4, "hidden_size": 256, "vocab": 4000, "seq": 512, "micro_batch": 4,
+                             "loss_path": "logits"},
     "llama-4L-full": {"num_layers": 4, "hidden_size": 256, "vocab": 4000, "seq": 512, "micro_batch": 4,
                       "recompute": "full"},
     "gpt2-tp2-v16k": {"arch": "gpt2", "num_layers": 2, "hidden_size": 256, "vocab": 16000, "seq": 256,

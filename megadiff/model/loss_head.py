@@ -27,7 +27,9 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-CHUNK_ELEMS = 32 * 2**20  # float32 logits per chunk (128 MiB): rows per chunk = CHUNK_ELEMS // (V / TP)
+from megadiff.model.memory import LOSS_CHUNK_ELEMS
+
+CHUNK_ELEMS = LOSS_CHUNK_ELEMS  # float32 logits per chunk (128 MiB): rows per chunk = CHUNK_ELEMS // (V / TP)
 
 
 def unwrap(model: Any) -> Any:

@@ -28,8 +28,10 @@ loss buffers (last pipeline stage; rows = s x b scored positions, V = padded voc
         the gathered logits held by the schedule, their float32 restricted copy, and in backward the
         softmax, the index_fill and the padding gradients: 5 x rows x V, + rows x V / TP local shard
         when TP > 1
-    fused path ("fused": masked rows only, vocab-parallel chunked linear + CE):
-        3 x chunk x V / TP float32 (logits chunk, its exp, its gradient) + rows_scored x (h + 4)
+    fused path ("fused": masked rows only, vocab-parallel chunked linear + CE, loss_head.py):
+        one float32 logits chunk (<= 32 Mi elements, reused in place for exp and gradient; + its 16-bit
+        copies under bf16), the output weight's float32 gradient shard (V/TP x h), and the scored rows'
+        hidden states and their gradient (2 x rows_scored x h)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ ACT_PER_TOKEN: dict[tuple[str, str], tuple[float, float, float, float]] = {
 OUTSIDE_PER_TOKEN = {"llama": 3.0, "gpt2": 2.0}  # embedding output, final norm (x h)
 LOSS_PATHS = ("logits", "fused")
 RUNTIME_BYTES = 24 * 2**20  # allocator/autograd/process-group workspace, measured on CPU (constant in N)
-LOSS_CHUNK_ROWS = 1024  # rows per chunk of the fused linear + CE (megadiff/model/loss_head.py)
+LOSS_CHUNK_ELEMS = 32 * 2**20  # float32 logits per chunk of the fused head (megadiff/model/loss_head.py)
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,13 @@ def loss_bytes(shape: ModelShape, vocab_padded: int, layout: Layout) -> float:
         shard = rows * vocab_padded / layout.tp if layout.tp > 1 else 0.0  # pre-gather local logits
         return 4.0 * (5 * rows * vocab_padded + shard)
     if layout.loss_path == "fused":
+        width = 2 if layout.bf16 else 4
+        v_local = vocab_padded / layout.tp
         scored = rows * layout.scored_fraction
-        chunk = min(LOSS_CHUNK_ROWS, scored)
-        return 4.0 * (3 * chunk * vocab_padded / layout.tp + scored * (shape.hidden_size + 4))
+        chunk = min(LOSS_CHUNK_ELEMS, scored * v_local) * (4 + (2 * width if layout.bf16 else 0))
+        grad_w = v_local * shape.hidden_size * (4 + (2 if layout.bf16 else 0))
+        row_tensors = 2 * scored * shape.hidden_size * width  # gathered rows + their gradient
+        return chunk + grad_w + row_tensors
     raise MegadiffError(f"unknown loss path {layout.loss_path!r}; allowed: {', '.join(LOSS_PATHS)}")
 
 

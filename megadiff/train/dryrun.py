@@ -90,7 +90,7 @@ def dry_run(cfg: Any, world: int, gpu_mem_gib: float | None = None) -> int:
     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch=cfg.trainer.micro_batch, seq=seq, num_micro=accum,
                     recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers, bf16=bf16,
                     distributed_optimizer=cfg.parallel.distributed_optimizer,
-                    loss_path=getattr(cfg.trainer, "loss_path", "fused"))
+                    loss_path=cfg.trainer.loss_path)
     fc = forecast(shape, vpad, layout)
     print(f"dry run: {world} ranks = TP {tp} x PP {pp} x DP {dp}; micro batch {cfg.trainer.micro_batch} x "
           f"{accum} accumulation x DP {dp} = global batch {cfg.trainer.global_batch}, seq {seq}, "

@@ -77,6 +77,10 @@ class Trainer:
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                             device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
         self.built = built
+        if ctx.rank == 0:
+            from megadiff.model.build import describe_fusions
+
+            print(describe_fusions(built.fusions), flush=True)
         tconf = built.config
         tconf.calculate_per_token_loss = True
         self.model = wrap_ddp(built.model, tconf, ctx, pc)
@@ -89,7 +93,8 @@ class Trainer:
         # objective
         self.schedule = make_schedule(cfg.diffusion)
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
-        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed)
+        self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
+                              loss_path=tc.loss_path)
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
@@ -215,7 +220,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         sc = StepContext(self.objective.for_validation(), self.cfg.diffusion, gb,
                          noise_seed=10_000 + self.cfg.diffusion.seed,
-                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps))
+                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps), loss_path=tc.loss_path)
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
