@@ -18,7 +18,9 @@ once the model, DDP buffers and optimizer are built, and read after the steps; r
     peak      : VmHWM during the steps - base_rss   (what the memory model forecasts)
     step_s    : mean wall time of the steps after the first
 
-``"loss_path"``: fused (default) | logits, as ``trainer.loss_path``.
+``"loss_path"``: fused (default) | logits, as ``trainer.loss_path``. ``"phases": true`` adds a per-phase
+timing of the step (see ``phases``; the fused head's weight gradient reaches the weight only through the
+model's backward, so "loss" holds the head's whole cost and "backward" the layers').
 With ``"grads": PATH, "variants": [{"recompute": ..., "loss_path": ...}, ...]`` the probe instead builds
 the model once per variant (same seed, same batch) and saves this rank's [loss_sum, tokens] and
 gradients after one forward-backward (no optimizer step) to PATH.rank<r>, for the equivalence tests.
@@ -66,6 +68,45 @@ def model_cfg(spec: dict, recompute: str):
         num_attention_heads=spec.get("heads", 4), num_query_groups=spec.get("kv_groups"),
         max_seq_len=spec["seq"], tie_embeddings=spec.get("tie", True), recompute=recompute,
         recompute_num_layers=spec.get("recompute_num_layers")))
+
+
+def phases(ddp, opt, mb: dict, obj, dcfg, gb: int, loss_path: str, reps: int) -> dict:
+    """Mean seconds of each phase of one micro-batch step, timed apart on the same modules (one rank):
+    model forward, loss (forward + backward down to the model output), model backward, DDP grad
+    finalisation + optimizer step."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megadiff.diffusion.noise import make_noise
+    from megadiff.model.build import position_ids_for
+    from megadiff.model.loss_head import hidden_states_out
+    from megadiff.train.step import fused_loss
+
+    x0 = mb["tokens"]
+    noise = make_noise(0, 0, mb["sample_ids"], x0.shape[1], eps=dcfg.eps, antithetic=True, global_batch=gb)
+    xt, aux = obj.prepare(x0, noise)
+    acc = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "ddp_optimizer": 0.0}
+    for _ in range(reps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        t0 = time.perf_counter()
+        if loss_path == "fused":
+            with hidden_states_out(ddp) as head:
+                out = ddp(xt, position_ids_for(xt), None)
+        else:
+            out = ddp(xt, position_ids_for(xt), None)
+        t1 = time.perf_counter()
+        leaf = out.detach().requires_grad_(True)
+        lo = fused_loss(obj, leaf, head["weight"], x0, aux) if loss_path == "fused" else obj.loss(leaf, x0, aux)
+        lo.loss_sum.backward(inputs=[leaf])
+        t2 = time.perf_counter()
+        out.backward(leaf.grad)
+        t3 = time.perf_counter()
+        finalize_model_grads([ddp])
+        opt.step()
+        t4 = time.perf_counter()
+        for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            acc[k] += v / reps
+    return acc
 
 
 def main(spec: dict, out_path: str) -> None:
@@ -142,6 +183,9 @@ def main(spec: dict, out_path: str) -> None:
             times.append(time.perf_counter() - t0)
         res["peak"] = hwm_bytes() - base
         res["step_s"] = sum(times[1:]) / max(1, len(times) - 1)
+        if spec.get("phases"):
+            res["phases"] = phases(ddp, opt, batches[-1][0], obj, dcfg, gb, spec.get("loss_path", "fused"),
+                                   spec.get("phase_reps", 3))
     gathered = [None] * ctx.world
     torch.distributed.all_gather_object(gathered, res)
     if ctx.rank == 0:
