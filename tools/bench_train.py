@@ -117,38 +117,64 @@ def forecast_loss_gib(spec: dict) -> float:
     return loss_bytes(resolve_shape(mc), padded_vocab_size(spec["vocab"], tp), lay) / GIB
 
 
-def step_suite(a) -> list[dict]:
-    gib, rows = 2**30, []
+def bench_large_vocab(a) -> list[dict]:
+    gib = 2**30
     big = {"num_layers": 2, "hidden_size": 256, "vocab": 128256, "seq": 512, "micro_batch": 4, "steps": 3}
     fused = probe(dict(big, loss_path="fused"), a.threads)[0]
     logits = probe(dict(big, loss_path="logits"), a.threads)[0]
-    rows.append({"bench": "large_vocab", "threads": a.threads, **{f"{k}_{n}": v for n, r in
-                 (("fused", fused), ("logits", logits)) for k, v in
-                 (("peak_GiB", round(r["peak"] / gib, 3)), ("step_s", round(r["step_s"], 3)))},
-                 "peak_ratio": round(fused["peak"] / logits["peak"], 3),
-                 "step_time_ratio": round(fused["step_s"] / logits["step_s"], 3)})
     tp2 = probe(dict(big, loss_path="fused", tp=2), 1, nproc=2)
-    rows.append({"bench": "tp2_vs_tp1_fused", "peak_GiB_tp1": round(fused["peak"] / gib, 3),
-                 "peak_GiB_tp2_per_rank": round(max(r["peak"] for r in tp2) / gib, 3),
-                 "peak_ratio": round(max(r["peak"] for r in tp2) / fused["peak"], 3),
-                 "forecast_loss_GiB_tp1": round(forecast_loss_gib(dict(big, loss_path="fused")), 3),
-                 "forecast_loss_GiB_tp2": round(forecast_loss_gib(dict(big, loss_path="fused", tp=2)), 3)})
+    return [
+        {"bench": "large_vocab", "threads": a.threads, **{f"{k}_{n}": v for n, r in
+         (("fused", fused), ("logits", logits)) for k, v in
+         (("peak_GiB", round(r["peak"] / gib, 3)), ("step_s", round(r["step_s"], 3)))},
+         "peak_ratio": round(fused["peak"] / logits["peak"], 3),
+         "step_time_ratio": round(fused["step_s"] / logits["step_s"], 3)},
+        {"bench": "tp2_vs_tp1_fused", "peak_GiB_tp1": round(fused["peak"] / gib, 3),
+         "peak_GiB_tp2_per_rank": round(max(r["peak"] for r in tp2) / gib, 3),
+         "peak_ratio": round(max(r["peak"] for r in tp2) / fused["peak"], 3),
+         "forecast_loss_GiB_tp1": round(forecast_loss_gib(dict(big, loss_path="fused")), 3),
+         "forecast_loss_GiB_tp2": round(forecast_loss_gib(dict(big, loss_path="fused", tp=2)), 3)}]
+
+
+def bench_overhead(a) -> list[dict]:
+    """Alternate baseline and megadiff runs (``--reps`` rounds) so that both see the same machine load;
+    medians of the step times."""
     tiny = {"arch": "gpt2", "num_layers": 2, "hidden_size": 64, "heads": 4, "vocab": VOCAB, "seq": 256,
             "micro_batch": 8, "steps": 4, "phases": True}
-    ours = {lp: probe(dict(tiny, loss_path=lp), a.threads)[0] for lp in ("fused", "logits")}
     b = argparse.Namespace(**dict(vars(a), preset="tiny", seq=256, micro_batch=8, steps=5, warmup=2))
-    ref = run_ref(b)
-    ref_s = ref["step_ms"] / 1e3
-    rows.append({"bench": "overhead_vs_ref", "threads": a.threads, "ref_step_s": round(ref_s, 4),
-                 **{f"megadiff_{lp}_step_s": round(r["step_s"], 4) for lp, r in ours.items()},
-                 **{f"tokens_per_s_ratio_{lp}": round(ref_s / r["step_s"], 3) for lp, r in ours.items()},
-                 **{f"phases_{lp}": {k: round(v, 4) for k, v in r["phases"].items()} for lp, r in ours.items()}})
+    times: dict[str, list[float]] = {"ref": [], "fused": [], "logits": []}
+    phases: dict[str, dict] = {}
+    for _ in range(a.reps):
+        times["ref"].append(run_ref(b)["step_ms"] / 1e3)
+        for lp in ("fused", "logits"):
+            r = probe(dict(tiny, loss_path=lp), a.threads)[0]
+            times[lp].append(r["step_s"])
+            phases[lp] = {k: round(v, 4) for k, v in r["phases"].items()}
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return [{"bench": "overhead_vs_ref", "threads": a.threads, "reps": a.reps,
+             **{f"{k}_step_s": [round(x, 4) for x in v] for k, v in times.items()},
+             **{f"tokens_per_s_ratio_{lp}": round(med["ref"] / med[lp], 3) for lp in ("fused", "logits")},
+             **{f"phases_{lp}": p for lp, p in phases.items()}}]
+
+
+def bench_recompute(a) -> list[dict]:
+    gib = 2**30
     four = {"num_layers": 4, "hidden_size": 256, "vocab": 4000, "seq": 512, "micro_batch": 4, "steps": 2}
     act = {m: probe(dict(four, recompute=m), a.threads)[0] for m in ("none", "full")}
-    rows.append({"bench": "recompute_activation", **{f"act_GiB_{m}": round((r["peak"] - r["static"]) / gib, 3)
-                                                     for m, r in act.items()},
-                 "ratio_full_over_none": round((act["full"]["peak"] - act["full"]["static"]) /
-                                               (act["none"]["peak"] - act["none"]["static"]), 3)})
+    return [{"bench": "recompute_activation", **{f"act_GiB_{m}": round((r["peak"] - r["static"]) / gib, 3)
+                                                 for m, r in act.items()},
+             "ratio_full_over_none": round((act["full"]["peak"] - act["full"]["static"]) /
+                                           (act["none"]["peak"] - act["none"]["static"]), 3)}]
+
+
+SECTIONS = {"large_vocab": bench_large_vocab, "overhead": bench_overhead, "recompute": bench_recompute}
+
+
+def step_suite(a) -> list[dict]:
+    rows = []
+    for name in a.sections.split(","):
+        rows += SECTIONS[name](a)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -167,6 +193,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                     help="CPU threads of BOTH sides (OMP_NUM_THREADS of every process)")
     ap.add_argument("--step-suite", action="store_true", help="run the training-step suite (see above)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="step suite: which comparisons")
+    ap.add_argument("--reps", type=int, default=2, help="step suite overhead: alternating rounds")
     a = ap.parse_args()
     if a.step_suite:
         lines = [json.dumps(r) for r in step_suite(a)]
