@@ -55,8 +55,7 @@ SELECTIVE_MODULES = ["core_attn", "mlp"]
 
 
 def recompute_options(model_cfg: Any, num_layers_per_stage: int) -> dict[str, Any]:
-    mode = getattr(model_cfg, "recompute", "none")
-    n = getattr(model_cfg, "recompute_num_layers", None)
+    mode, n = model_cfg.recompute, model_cfg.recompute_num_layers
     if mode == "none":
         return {}
     if mode == "selective":

@@ -11,7 +11,7 @@ objectives) against this rank's vocab shard of the output weight:
 
 The logsumexp is vocab-parallel (max and sum all-reduced over the TP group, as megatron's
 vocab_parallel_cross_entropy does) and chunked over rows so that no rank holds more than
-``chunk_elems`` float32 logits at once, never ``[rows, V]``. Because the loss is a weighted SUM of the
+``CHUNK_ELEMS / TP`` float32 logits at once, never ``[rows, V]``. Because the loss is a weighted SUM of the
 per-row CE with weights known in forward, the gradients for a unit upstream gradient are computed in
 the same pass (the logits chunk is reused: 3 matmuls per chunk in all, like an unfused linear + CE)
 and backward only scales them (the fused linear + CE scheme of Liger-Kernel / Apple's cut-CE).
@@ -29,7 +29,9 @@ import torch.distributed as dist
 
 from megadiff.model.memory import LOSS_CHUNK_ELEMS
 
-CHUNK_ELEMS = LOSS_CHUNK_ELEMS  # float32 logits per chunk (128 MiB): rows per chunk = CHUNK_ELEMS // (V / TP)
+# rows per chunk = CHUNK_ELEMS // V (the whole padded vocab): a chunk's float32 logits take at most
+# 128 MiB / TP on each rank, so the head's memory shrinks with TP like the weight shard does
+CHUNK_ELEMS = LOSS_CHUNK_ELEMS
 
 
 def unwrap(model: Any) -> Any:
@@ -135,8 +137,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
                          vocab_size: int, mask_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i row_weight_i * ce_i, ce.detach())`` for hidden rows ``h [N, d]`` against this rank's output
     weight shard ``[V/TP, d]``; ``target [N]`` holds global token ids, ``row_weight [N]`` float32."""
-    group, start, _ = tp_info(weight)
-    chunk = max(1, CHUNK_ELEMS // max(1, weight.shape[0]))
+    group, start, tp = tp_info(weight)
+    chunk = max(1, CHUNK_ELEMS // max(1, weight.shape[0] * tp))
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     mask = -1 if mask_id is None else int(mask_id)
     loss, ce = _LinearCE.apply(h, weight, target, row_weight.float(), start, int(vocab_size), mask, group, chunk,

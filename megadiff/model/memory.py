@@ -29,7 +29,7 @@ loss buffers (last pipeline stage; rows = s x b scored positions, V = padded voc
         softmax, the index_fill and the padding gradients: 5 x rows x V, + rows x V / TP local shard
         when TP > 1
     fused path ("fused": masked rows only, vocab-parallel chunked linear + CE, loss_head.py):
-        one float32 logits chunk (<= 32 Mi elements, reused in place for exp and gradient; + its 16-bit
+        one float32 logits chunk (<= 32 Mi / TP elements, reused in place for exp and gradient; + its 16-bit
         copies under bf16), the output weight's float32 gradient shard (V/TP x h), and the scored rows'
         hidden states and their gradient (2 x rows_scored x h)
 """
@@ -152,7 +152,7 @@ def loss_bytes(shape: ModelShape, vocab_padded: int, layout: Layout) -> float:
         width = 2 if layout.bf16 else 4
         v_local = vocab_padded / layout.tp
         scored = rows * layout.scored_fraction
-        chunk = min(LOSS_CHUNK_ELEMS, scored * v_local) * (4 + (2 * width if layout.bf16 else 0))
+        chunk = min(LOSS_CHUNK_ELEMS, scored * vocab_padded) / layout.tp * (4 + (2 * width if layout.bf16 else 0))
         grad_w = v_local * shape.hidden_size * (4 + (2 if layout.bf16 else 0))
         row_tensors = 2 * scored * shape.hidden_size * width  # gathered rows + their gradient
         return chunk + grad_w + row_tensors
