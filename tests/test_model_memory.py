@@ -68,6 +68,8 @@ def test_forecast_within_20_percent_of_measured_peak(name, tmp_path):
         st = stages[m["pp_rank"]]
         assert abs(st.params - m["params_rank"]) / m["params_rank"] < 0.01
         ratio = st.total / m["peak"]
+        print(f"{name} rank {m['rank']}: forecast {st.total / 2**20:.0f} MiB, measured {m['peak'] / 2**20:.0f} MiB, "
+              f"ratio {ratio:.3f}")
         assert 0.8 <= ratio <= 1.2, (name, m, st.parts, ratio)
 
 
