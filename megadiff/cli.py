@@ -15,6 +15,8 @@ import os
 import sys
 
 from megadiff import MegadiffError, __version__
+from megadiff.dist import lazy_compile
+from megadiff.utils import quiet
 
 # modules with register(subparsers), in --help order; plug-in groups (entry points) follow, by name
 COMMAND_MODULES = [
@@ -25,6 +27,8 @@ COMMAND_MODULES = [
     "megadiff.tracking.cli",
     "megadiff.sweeps.cli",
     "megadiff.convert.cli",
+    "megadiff.checkpoint.cli",
+    "megadiff.commands.doctor",
 ]
 PLUGIN_GROUP = "megadiff.commands"
 
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `megadiff COMMAND --help` for a command's options.",
     )
     p.add_argument("--version", action="version", version=f"megadiff {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every warning of megatron/torch/Ray, also the known-harmless ones filtered by "
+                        "default (megadiff/utils/quiet.py; MEGADIFF_VERBOSE=1 does the same)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for register in _registrars():
         register(sub)
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet.install(force_verbose=args.verbose)
+    lazy_compile.install()  # megatron's jit_fuser compiles at first call, not at import (start-up)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MegadiffError as e:
         print(f"megadiff: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code  # EXIT_BAD_INPUT unless the error names another documented code
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)

@@ -70,6 +70,8 @@ class DataConfig:
     valid: List[DatasetRef] = field(default_factory=list)  # default: [{path: out_dir, split: valid}]
     shuffle_seed: int = 1234
     skip_corrupt: bool = False  # count and skip unreadable samples instead of failing
+    document_mask: bool = False  # attention stays inside each packed document (shards must record doc starts)
+    unique_tokens: Optional[int] = None  # data-constrained runs: a U-token prefix of the shuffled split, repeated
 
 
 # ----------------------------------------------------------------------------- model
@@ -87,7 +89,8 @@ class ModelConfig:
     max_seq_len: int = 512
     vocab_size: Optional[int] = None  # real vocab incl. [MASK]; None = read from the data manifest
     tie_embeddings: bool = True
-    attention_backend: str = "auto"  # auto | a backend of megadiff/model/catalog.py (sdpa | flash | te)
+    attention_backend: str = "auto"  # auto | a backend of megadiff/model/catalog.py (sdpa | flex | flash | te; masks: sdpa, flex)
+    reset_position_ids: bool = False  # positions restart at 0 in every packed document (needs data.document_mask)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -100,13 +103,22 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token)
+    objective: str = "mdlm"  # mdlm (continuous-time NELBO, SUBS) | llada (1/t, per-length) | ar (next token) | bd3lm
+    block_size: int = 0  # bd3lm: tokens per block (must divide the sequence length); 0 for other objectives
+    mask_rate_min: float = 0.0  # bd3lm clipped schedule: per-block mask rates ~ U[min, max] in training
+    mask_rate_max: float = 1.0
     schedule: str = "loglinear"  # loglinear | linear | cosine | poly
     schedule_power: float = 1.0  # exponent of the poly schedule
     eps: float = 1e-3  # t ~ U(eps, 1)
     antithetic: bool = True  # low-discrepancy time sampling across the global batch
     random_length_prob: float = 0.0  # LLaDA: with this probability crop the batch to a random length
     seed: int = 0  # corruption noise is a function of (seed, step, global sample index)
+    # objective options (each acts only with the objectives whose catalogue traits list it; see docs/diffusion.md)
+    shift: bool = False  # mdlm_adapt: position i predicts token i+1 (AR output alignment, DiffuLLaMA/Dream)
+    complementary: bool = False  # mdlm_adapt, ar_mdlm: each sequence trained with a mask and its complement
+    ar_weight: float = 1.0  # ar_mdlm: weight of the next-token loss
+    diffusion_weight: float = 0.3  # ar_mdlm: weight of the shifted masked-diffusion loss
+    uniform_fraction: float = 0.1  # gidd: share of uniform-token (vs [MASK]) corruption; 1 = uniform diffusion
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -160,6 +172,8 @@ class TrainerConfig:
     save_interval: int = 100  # 0 disables periodic saves (a final save still happens)
     keep_last: int = 3  # retention: keep the last K checkpoints
     keep_every: int = 0  # ... and every M-th step (0: none)
+    async_save: bool = False  # write checkpoints in a background process (megatron dist_checkpointing async)
+    resume: str = "latest"  # latest | latest_valid (fall back to the newest checkpoint that verifies) | step_XXXXXX
     max_wall_minutes: float = 0.0  # >0: save and exit with the requeue code after this long
     stop_after: int = 0  # >0: save and exit 75 (requeue) when a run reaches this step; a rerun goes on past it
     steps_per_invocation: int = 0  # >0: each invocation trains at most this many steps, saves, exits 75 (chunked jobs)
@@ -214,7 +228,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their tor
 # read back, refused with the reason when a user passes them.
 RETIRED_KEYS = {
     "model.causal": "the objective decides the attention mask (diffusion.objective=ar is causal)",
-    "trainer.async_save": "checkpoint saves are synchronous; the key never had an effect",
 }
 
 
@@ -248,27 +261,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     schema = OmegaConf.structured(MegadiffConfig)
     cfg = schema
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
-            try:
-                loaded = OmegaConf.load(p)
-            except Exception as e:  # yaml syntax errors
-                raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MegadiffError(f"config file {str(p)!r} not found; pass a YAML recipe such as configs/demo.yaml")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax errors
+            raise MegadiffError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        try:
             cfg = OmegaConf.merge(cfg, loaded)
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise MegadiffError(f"override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
-        for ov in overrides or []:
-            key, value = ov.split("=", 1)
-            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"config file {str(p)!r}") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise MegadiffError(f"command-line override {ov!r} must look like key=value (e.g. trainer.max_steps=100)")
+    for ov in overrides or []:
+        key, value = ov.split("=", 1)
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key.strip())  # data.sources.0.x -> data.sources[0].x
+        try:
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-    except OmegaConfBaseException as e:
-        raise _explain(e, schema, str(path) if path else "overrides") from None
+        except OmegaConfBaseException as e:
+            raise _explain(e, cfg, f"command-line override {ov!r}") from None
     validate(cfg)
+    _check_resume(cfg.trainer.resume)
     return cfg  # type: ignore[return-value]
+
+
+def _check_resume(value: str) -> None:
+    if value not in ("latest", "latest_valid") and not re.fullmatch(r"step_\d{6,}", str(value)):
+        raise MegadiffError(f"config key 'trainer.resume' is {value!r}; allowed: latest, latest_valid or a step "
+                            f"directory name such as step_000280 (`megadiff checkpoint verify RUN_DIR` lists them)")
 
 
 def validate(cfg: Any) -> None:
@@ -308,6 +331,46 @@ def validate(cfg: Any) -> None:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:
         raise MegadiffError(f"config key 'diffusion.eps' must be in (0, 1), got {cfg.diffusion.eps}")
+    _validate_objective_options(cfg)
+    _validate_blocks(cfg)
+
+
+def _validate_objective_options(cfg: Any) -> None:
+    """diffusion.* objective options: set only with an objective that reads them (its traits' ``options``)."""
+    d, tr = cfg.diffusion, OBJECTIVES.traits(cfg.diffusion.objective)
+    defaults = DiffusionConfig()
+    for key in sorted({k for n in OBJECTIVES.names() for k in OBJECTIVES.traits(n).options}):
+        if d[key] != getattr(defaults, key) and key not in tr.options:
+            users = [n for n in OBJECTIVES.names() if key in OBJECTIVES.traits(n).options]
+            raise MegadiffError(f"config key 'diffusion.{key}' acts only with diffusion.objective in "
+                                f"{', '.join(users)} (it is {d.objective!r}); remove it or change the objective")
+    if d.ar_weight < 0 or d.diffusion_weight < 0 or d.ar_weight + d.diffusion_weight <= 0:
+        raise MegadiffError(f"config keys 'diffusion.ar_weight/diffusion_weight' are {d.ar_weight}/"
+                            f"{d.diffusion_weight}; both must be >= 0 and not both 0 (e.g. 1.0 and 0.3)")
+    if not 0.0 <= d.uniform_fraction <= 1.0:
+        raise MegadiffError(f"config key 'diffusion.uniform_fraction' must be in [0, 1], got {d.uniform_fraction}")
+    if tr.stacks_rows and cfg.parallel.pp > 1:
+        raise MegadiffError(f"diffusion.objective={d.objective} stacks several inputs per sample along the batch, "
+                            f"which pipeline parallelism (parallel.pp={cfg.parallel.pp}) does not size for yet; "
+                            f"use parallel.pp=1")
+
+
+def _validate_blocks(cfg: Any) -> None:
+    """Block-diffusion and document-mask keys: set only where they act, consistent with each other."""
+    d = cfg.diffusion
+    if OBJECTIVES.traits(d.objective).block_diffusion:
+        if d.block_size <= 0 or cfg.data.seq_len % d.block_size:
+            raise MegadiffError(f"config key 'diffusion.block_size' is {d.block_size}; diffusion.objective=bd3lm "
+                                f"needs a block size > 0 that divides data.seq_len={cfg.data.seq_len} (e.g. 16)")
+        if d.random_length_prob > 0:
+            raise MegadiffError("config key 'diffusion.random_length_prob' must be 0 with diffusion.objective=bd3lm "
+                                "(a random crop would break the block grid)")
+        if not 0.0 <= d.mask_rate_min < d.mask_rate_max <= 1.0:
+            raise MegadiffError(f"config keys 'diffusion.mask_rate_min/max' are [{d.mask_rate_min}, "
+                                f"{d.mask_rate_max}]; need 0 <= min < max <= 1")
+    if cfg.model.reset_position_ids and not cfg.data.document_mask:
+        raise MegadiffError("config key 'model.reset_position_ids' is true but data.document_mask is false; "
+                            "positions restart per document only with document masks: set data.document_mask=true")
 
 
 def check_batch_layout(cfg: Any, dp: int) -> int:

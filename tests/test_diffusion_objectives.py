@@ -51,7 +51,7 @@ def test_masked_losses_match_float64_reference(name, sched_name):
             if is_masked:
                 ref += w * _ref_ce(logits[b, pos].double(), int(x0[b, pos]))
                 n_masked += 1
-    assert int(out.tokens) == B * L and int(out.metrics["masked"]) == n_masked
+    assert int(out.tokens) == B * L and int(aux.masked.sum()) == n_masked
     assert math.isclose(float(out.loss_sum), ref, rel_tol=1e-5, abs_tol=1e-5)
 
 
@@ -111,3 +111,63 @@ def test_split_micro_batches_sum_to_full_batch():
 def test_bad_mask_id_rejected():
     with pytest.raises(ValueError):
         OBJECTIVES.get("mdlm")(SCHEDULES.get("loglinear")(), mask_id=V, vocab_size=V)
+
+
+# ----------------------------------------------------------------------------- the validation bound
+
+@pytest.mark.parametrize("schedule,eps", [("loglinear", 0.0), ("cosine", 0.05), ("linear", 0.02), ("poly", 0.05)])
+def test_validation_objective_is_an_unbiased_nelbo_eps(schedule, eps):
+    """for_validation() of mdlm/llada estimates NELBO_eps = int_eps^1 (1/m) E_{Bern(m)}[S] dm + E_{Bern(eps)}[S]
+    (S = summed CE of the masked tokens; the eps-truncated chain's exact NELBO, an upper bound on the NLL),
+    whatever the schedule: reference by enumerating all 2^L masks and integrating over m with scipy."""
+    import itertools as it
+
+    from scipy import integrate
+
+    from megadiff.diffusion.noise import make_noise
+
+    L_, V_, M_ = 4, 5, 4  # 4 real tokens, mask id 4
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(V_**L_, L_, V_, generator=g, dtype=torch.float64) * 2.0
+
+    def model(x):
+        return table[(x * (V_ ** torch.arange(L_))).sum(-1)]
+
+    x0 = torch.tensor([2, 0, 3, 1])
+    masks = [torch.tensor(bits, dtype=torch.bool) for bits in it.product([False, True], repeat=L_)]
+    S = []
+    for m in masks:
+        xt = torch.where(m, torch.full_like(x0, M_), x0)
+        lp = torch.log_softmax(model(xt[None])[0, :, :M_], -1)
+        S.append(float(-(lp[torch.arange(L_), x0] * m).sum()))
+    size = [int(m.sum()) for m in masks]
+
+    def expect(p):
+        return sum(s * p**k * (1 - p) ** (L_ - k) for s, k in zip(S, size))
+
+    exact = integrate.quad(lambda p: expect(p) / p, eps, 1.0, limit=200)[0] if eps > 0 else \
+        integrate.quad(lambda p: expect(p) / p, 1e-12, 1.0, limit=200)[0]
+    exact = (exact + expect(eps)) / L_  # nats per token
+
+    sched = SCHEDULES.get(schedule)()
+    from megadiff.diffusion.objectives import OBJECTIVES
+
+    for name in ("mdlm", "llada"):
+        obj = OBJECTIVES.get(name)(sched, mask_id=M_, vocab_size=M_ + 1)
+        obj.eps = eps
+        val = obj.for_validation()
+        R = 6000
+        ids = torch.arange(R)
+        t_min = sched.t_at_mask_prob(eps) if eps > 0 else 0.0
+        noise = make_noise(3, 0, ids, L_, eps=t_min, antithetic=True, global_batch=R)
+        xb = x0.expand(R, L_)
+        xt, aux = val.prepare(xb, noise)
+        logits = model(xt).float()
+        out = val.loss(logits, xb, aux)
+        ce = torch.where(aux.masked, -torch.log_softmax(logits[..., :M_].double(), -1).gather(
+            -1, xb[..., None]).squeeze(-1), torch.zeros(R, L_, dtype=torch.float64))
+        per_row = aux.weight.double() * ce.sum(-1) / L_
+        assert math.isclose(float(out.loss_sum) / float(out.tokens), float(per_row.mean()), rel_tol=1e-5)
+        sem = float(per_row.std() / math.sqrt(R))
+        assert abs(float(per_row.mean()) - exact) < 4 * sem + 1e-9, (name, schedule, eps, float(per_row.mean()), exact, sem)
+        assert float(per_row.max()) < 10 * exact * L_  # bounded draws (a mean of k cross-entropies, times a_k)

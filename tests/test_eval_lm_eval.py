@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-from pathlib import Path
 
 import pytest
 
@@ -76,9 +75,19 @@ def test_rolling_and_generate_until(lm):
     assert "\n\n" not in gens[0] and "e" not in gens[1] and "[MASK]" not in "".join(gens)
 
 
-def test_adapter_file_documents_install():
-    src = (Path(__file__).resolve().parents[1] / "megadiff" / "eval" / "lm_eval_adapter.py").read_text()
-    assert "pip install lm-eval" in src
+def test_lm_eval_without_the_harness_says_how_to_install_it(lm):
+    """With lm_eval unimportable, `megadiff lm-eval` exits 2 with the install command, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ENV, ROOT
+
+    code = ("import sys; sys.modules['lm_eval'] = None; from megadiff.cli import main; "
+            f"sys.exit(main(['lm-eval', {lm.pretrained!r}, '--tasks', 'megadiff_shakespeare_mc']))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "lm-evaluation-harness is not installed" in p.stderr and "pip install lm-eval" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_lm_eval_cli_runs_a_local_multiple_choice_task(lm, tmp_path):

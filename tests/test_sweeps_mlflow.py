@@ -19,6 +19,7 @@ from megadiff.sweeps import launch as L
 from megadiff.sweeps.plan import plan_sweep
 from megadiff.sweeps.results import final_value
 from megadiff.sweeps.spec import load_sweep
+from megadiff.tracking import sweep_runs as T
 
 LAW = {"E": 2.0, "A": 60.0, "B": 400.0, "alpha": 0.4, "beta": 0.35}
 
@@ -130,7 +131,7 @@ def test_launch_preempt_partial_fit_relaunch_resume_and_fit(sweep, monkeypatch, 
     client = MlflowClient(plan.tracking_uri)
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_role"] == "parent"
-    children = L.mlflow_runs(plan)
+    children = T.sweep_runs(plan)
     assert set(children) == {r.name for r in plan.feasible}
     for name, run in children.items():
         r = plan.run(name)
@@ -181,7 +182,7 @@ def test_empty_and_unlaunched_sweeps(sweep, capsys):
     assert main(["sweep", "fit", str(sweep)]) == 2
     assert "never launched" in capsys.readouterr().err
     plan = plan_sweep(load_sweep(sweep))
-    parent = L.ensure_parent(plan)  # launched, but no run ever reported
+    parent = T.ensure_parent(plan)  # launched, but no run ever reported
     L.write_state(plan, parent)
     assert main(["sweep", "fit", str(sweep)]) == 2
     cap = capsys.readouterr()
@@ -205,15 +206,27 @@ def test_final_value_tail_and_relogged_steps(tmp_path):
     assert final_value([], 1) is None
 
 
-def test_slurm_executor_dry_run_builds_one_array(sweep, tmp_path):
-    slurm = pytest.importorskip("launch.slurm")
+def test_slurm_executor_found_through_the_entry_point_group(sweep, tmp_path):
+    """`slurm` is not named in megadiff: it is the entry point megadiff.sweep_executors:slurm (launch/)."""
+    from launch.submit import Submission
+
+    assert "slurm" in L.executor_names()
+    launch_slurm = L.external_executor("slurm")
     prof = tmp_path / "prof.yaml"
     prof.write_text(yaml.safe_dump({"name": "t", "gpus_per_node": 0, "check_nodes": False}))
     plan = plan_sweep(load_sweep(sweep))
-    sub = L.launch_slurm(plan, plan.feasible, "p" * 32, {"cluster": str(prof), "nodes": 1, "max_parallel": 2},
-                         dry_run=True)
-    assert isinstance(sub, slurm.Submission)
+    sub = launch_slurm(plan, plan.feasible, "p" * 32, {"cluster": str(prof), "nodes": 1, "max_parallel": 2},
+                       dry_run=True)
+    assert isinstance(sub, Submission)
     assert "--array=0-8%2" in sub.script_text
-    assert sub.script_text.count("trainer.run_dir=") == 0  # members train from their resolved configs
     with pytest.raises(Exception, match="unknown keys"):
-        L.launch_slurm(plan, plan.feasible, "p", {"cluster": str(prof), "gpus": 1}, dry_run=True)
+        launch_slurm(plan, plan.feasible, "p", {"cluster": str(prof), "gpus": 1}, dry_run=True)
+
+
+def test_unknown_executor_is_a_clear_error_before_anything_starts(sweep, capsys):
+    assert main(["sweep", "launch", str(sweep), "--executor", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep executor 'nosuch' is not installed" in err and "megadiff.sweep_executors" in err
+    assert "local" in err
+    plan = plan_sweep(load_sweep(sweep))
+    assert not (Path(plan.out_dir) / "sweep_state.json").exists()  # no parent run, no state written

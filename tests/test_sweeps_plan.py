@@ -139,11 +139,11 @@ def test_plan_imports_no_torch(tmp_path):
 
 @pytest.mark.parametrize("over, msg", [
     ({"budgets": []}, "budgets is empty"),
-    ({"objectives": ["diffusion"]}, "allowed: mdlm, llada, ar"),
+    ({"objectives": ["diffusion"]}, "allowed: ar, llada, mdlm"),
     ({"models": {"custom": [], "presets": ["huge"]}}, "unknown preset 'huge'"),
     ({"hparams": {"schedule": "step"}}, "allowed: wsd, cosine"),
     ({"vocab_size": None}, "needs the data's vocab size"),
-    ({"budget": [1e10]}, "budget"),
+    ({"budget": [1e10]}, r"sweep\.yaml: Key 'budget' not in 'SweepSpec'"),
 ])
 def test_bad_sweep_files(tmp_path, over, msg):
     with pytest.raises(MegadiffError, match=msg):

@@ -2,6 +2,8 @@
 
     im = load_for_inference("runs/demo/train")          # a run dir (uses checkpoints/latest) or a step dir
     logits = im.model_fn(tokens)                        # [B, L] -> [B, L, V_padded], no grad, eval mode
+                                                        # (diffusion runs trained shifted: realigned, so that
+                                                        # logits[:, i] predicts token i; megadiff/diffusion/shift.py)
     im.tokenizer, im.info (ManifestInfo), im.cfg (resolved config), im.step
 
 Any TP/PP layout loads into TP=1/PP=1 (dist_checkpointing reshards on load).
@@ -113,4 +115,7 @@ def load_for_inference(path: str | Path, device: str = "auto", data_dir: str | N
         raise MegadiffError(f"could not load the model weights of {ckpt}: {type(e).__name__}: {str(e)[:300]}") from e
     model.load_state_dict(state["model"], strict=False)
     model.eval()
-    return InferenceModel(model, model_fn_of(model), tokenizer, info, cfg, int(meta["step"]), ckpt, ctx.device)
+    from megadiff.diffusion.shift import aligned_model_fn
+
+    fn = aligned_model_fn(model_fn_of(model), cfg.diffusion)
+    return InferenceModel(model, fn, tokenizer, info, cfg, int(meta["step"]), ckpt, ctx.device)

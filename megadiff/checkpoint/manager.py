@@ -9,7 +9,23 @@ Layout::
 
 A save first writes ``step_XXXXXX.tmp`` and renames it to ``step_XXXXXX`` on rank 0 after a
 barrier, then moves ``latest``; a crash at any point leaves the previous ``latest`` loadable.
+The last file written before the rename is ``contents.json`` (every file and its size,
+:mod:`megadiff.checkpoint.contents`), so a checkpoint can be verified without loading it.
 The layout (TP/PP/DP) may change between save and load: dist_checkpointing reshards.
+
+Asynchronous save (``trainer.async_save=true``): megatron dist_checkpointing's async path. The
+tensors are staged (GPU -> host) and a forked writer process writes the shards while training
+goes on; the finalisation (megadiff.json, contents.json, rename, ``latest``) runs on every rank
+only after every rank's writer has finished (:meth:`CheckpointManager.poll` checks once per step,
+:meth:`CheckpointManager.wait` blocks; the next save and the end of training wait). A kill while the
+writer runs leaves ``step_XXXXXX.tmp`` behind and ``latest`` on the previous step.
+
+Failures while saving: a full disk (``ENOSPC``) removes the partial ``.tmp`` directory at once and
+raises :class:`DiskFullError` (one line: path, free space, checkpoint size, last good step, the
+``trainer.keep_last`` fix; exit code :data:`DISK_FULL_EXIT_CODE`). Resuming checks the checkpoint
+first (:meth:`CheckpointManager.resume_step`): a damaged one is named with its missing or unreadable
+file and the newest checkpoint that verifies is offered (``trainer.resume=step_XXXXXX``), or taken
+with a loud warning under ``trainer.resume=latest_valid``.
 
 Three megatron-core DistributedOptimizer defects on the path without apex/TE (0.16.1) are
 worked around here (see :func:`_init_optimizer_state`, :func:`_fix_shared_adam_step`):
@@ -23,77 +39,238 @@ worked around here (see :func:`_init_optimizer_state`, :func:`_fix_shared_adam_s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from megadiff import MegadiffError
+from megadiff import EXIT_DISK_FULL, MegadiffError
+from megadiff.checkpoint.contents import (
+    STEP_RE,
+    RunCheckpoints,
+    checkpoint_bytes,
+    human_bytes,
+    step_dir_name,
+    write_contents,
+)
 from megadiff.utils.io import atomic_write_json, atomic_write_text
 
-STEP_RE = re.compile(r"^step_(\d{6,})$")
+RESUME_MODES = ("latest", "latest_valid")  # or a step directory name: step_000280
+DISK_FULL_EXIT_CODE = EXIT_DISK_FULL  # 74, sysexits EX_IOERR: the checkpoint could not be written (disk full)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
+class DiskFullError(MegadiffError):
+    """The disk filled up while a checkpoint was written; the partial directory is already removed."""
+
+    exit_code = DISK_FULL_EXIT_CODE
 
 
-class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0):
-        self.root = Path(run_dir) / "checkpoints"
+def _related_exceptions(e: BaseException) -> list[BaseException]:
+    """``e``, its causes and contexts, and (torch DCP's CheckpointException) the per-rank failures it wraps."""
+    out: list[BaseException] = []
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, tuple):  # DCP failures are (exception, traceback) pairs
+            todo += list(x)
+        elif isinstance(x, BaseException) and all(x is not y for y in out):
+            out.append(x)
+            todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
+    return out
+
+
+# torch's zip writer reports a short write (the disk filled up) as "[enforce fail ...] unexpected pos N vs M"
+DISK_FULL_TEXT = ("No space left on device", "[Errno 28]", "unexpected pos")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    for x in _related_exceptions(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(x) for m in DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def _out_of_space(path: Path, below: int = 1 << 20) -> bool:
+    """The filesystem holding ``path`` has (almost) no space left for this user."""
+    try:
+        return shutil.disk_usage(path).free < below
+    except OSError:
+        return False
+
+
+class CheckpointManager(RunCheckpoints):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = False):
+        super().__init__(run_dir)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.async_save = async_save
+        self._queue = None  # megatron AsyncCallsQueue, made on the first async save
+        self._pending: Optional[int] = None  # step of the async save not finalised yet
 
-    # ------------------------------------------------------------------ discovery
     def latest_step(self) -> Optional[int]:
-        p = self.root / "latest"
-        if not p.exists():
+        name = self.latest_name()
+        if name is None:
             return None
-        name = p.read_text().strip()
-        m = STEP_RE.match(name)
-        if not m:
-            raise MegadiffError(f"checkpoint pointer {p} is corrupt (holds {name!r}); delete it to restart from "
-                                f"scratch or write the name of a good step directory into it")
         if not (self.root / name / "megadiff.json").exists():
-            raise MegadiffError(f"checkpoint pointer {p} names {name}, but {self.root / name}/megadiff.json is "
-                                f"missing: the checkpoint is incomplete; point 'latest' at an older step directory")
-        return int(m.group(1))
+            raise MegadiffError(f"checkpoint pointer {self.root / 'latest'} names {name}, but "
+                                f"{self.root / name}/megadiff.json is missing: the checkpoint is incomplete; "
+                                f"point 'latest' at an older step directory")
+        return int(STEP_RE.match(name).group(1))
 
-    def steps(self) -> list[int]:
-        if not self.root.exists():
-            return []
-        return sorted(int(m.group(1)) for d in self.root.iterdir() if (m := STEP_RE.match(d.name)) and d.is_dir())
+    def resume_step(self, mode: str = "latest", warn: Callable[[str], None] | None = None) -> Optional[int]:
+        """The step to resume from (None: start from scratch) under ``trainer.resume=mode``.
+
+        ``latest``: the step ``latest`` names; if it does not verify, fail naming the damaged file and
+        offering the newest checkpoint that verifies. ``latest_valid``: fall back to that one with a
+        loud warning. ``step_XXXXXX``: exactly that checkpoint (it must verify)."""
+        if mode not in RESUME_MODES and not STEP_RE.match(str(mode)):
+            raise MegadiffError(f"config key 'trainer.resume' is {mode!r}; allowed: latest, latest_valid or a step "
+                                f"directory name such as step_000280 (see `megadiff checkpoint verify "
+                                f"{self.root.parent}`)")
+        if STEP_RE.match(str(mode)):
+            step = int(STEP_RE.match(mode).group(1))
+            problems = self.verify(step)
+            if problems:
+                raise MegadiffError(f"trainer.resume={mode}: {self._damage(problems)}{self._offer(None)}")
+            return step
+        name = self.latest_name()
+        if name is None:
+            return None
+        step = int(STEP_RE.match(name).group(1))
+        problems = self.verify(step)
+        if not problems:
+            return step
+        good = self.newest_valid(below=step) or self.newest_valid()
+        if mode == "latest_valid" and good is not None:
+            (warn or _loud_warning)(
+                f"checkpoint {self.root / name} is damaged ({self._damage(problems)}); trainer.resume=latest_valid: "
+                f"resuming from {step_dir_name(good)}, the newest checkpoint that verifies. Steps after {good} "
+                f"are trained again.")
+            return good
+        raise MegadiffError(f"cannot resume from {self.root / name} ('latest'): {self._damage(problems)}"
+                            f"{self._offer(good)}")
+
+    @staticmethod
+    def _damage(problems: list[str]) -> str:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        return problems[0] + more
+
+    def _offer(self, good: Optional[int]) -> str:
+        good = self.newest_valid() if good is None else good
+        if good is None:
+            return (f". No checkpoint in {self.root} verifies: delete {self.root / 'latest'} to start from scratch, "
+                    f"or restore the missing file")
+        return (f". The newest checkpoint that verifies is {step_dir_name(good)}: rerun with "
+                f"trainer.resume={step_dir_name(good)} (or trainer.resume=latest_valid to fall back automatically); "
+                f"`megadiff checkpoint verify {self.root.parent}` lists every checkpoint")
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, extra: dict[str, Any], config_yaml: str) -> Path:
+        """Write checkpoint ``step``. Synchronous: returns once ``latest`` names it. Asynchronous: returns
+        once the writer is started; ``latest`` moves when :meth:`poll`/:meth:`wait` finalise it."""
         from megatron.core import dist_checkpointing
 
+        self.wait()  # one save in flight at a time: the previous one finishes (and moves latest) first
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         rank = dist.get_rank()
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        try:
+            if rank == 0:
+                for stale in self.root.glob("step_*.tmp"):  # partial saves of a killed or failed earlier run
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            sd = sharded_state_dict(model, optimizer)
+            meta = {**extra, "step": step, "saved_at": time.time()}
+            if self.async_save:
+                req = dist_checkpointing.save(sd, str(tmp), content_metadata=CKPT_METADATA, async_sharded_save=True)
+                req.add_finalize_fn(lambda: self._finalize(step, tmp, final, meta, config_yaml))
+                self._async_queue().schedule_async_request(req)
+                self._pending = step
+                return final
+            dist_checkpointing.save(sd, str(tmp), content_metadata=CKPT_METADATA)
+            self._finalize(step, tmp, final, meta, config_yaml)
+        except BaseException as e:
+            self._on_save_error(e, step, tmp)
+            raise
+        return final
+
+    def _finalize(self, step: int, tmp: Path, final: Path, meta: dict, config_yaml: str) -> None:
+        """On every rank once every rank's shards are written: metadata, rename, ``latest``, retention."""
         dist.barrier()
-        sd = sharded_state_dict(model, optimizer)
-        dist_checkpointing.save(sd, str(tmp), content_metadata=CKPT_METADATA)
-        dist.barrier()
-        if rank == 0:
+        if dist.get_rank() == 0:
             atomic_write_text(tmp / "config.yaml", config_yaml)
-            atomic_write_json(tmp / "megadiff.json", {**extra, "step": step, "saved_at": time.time()})
+            atomic_write_json(tmp / "megadiff.json", meta)
+            write_contents(tmp, step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(self.root / "latest", final.name + "\n")
             self._retain(step)
         dist.barrier()
-        return final
+
+    def _async_queue(self):
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue(persistent=False)
+        return self._queue
+
+    def poll(self) -> None:
+        """Finalise the async save if every rank's writer has finished (call on every rank, once a step)."""
+        self._finish_pending(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is written and ``latest`` names it."""
+        self._finish_pending(blocking=True)
+
+    @property
+    def pending_step(self) -> Optional[int]:
+        return self._pending
+
+    def _finish_pending(self, blocking: bool) -> None:
+        if self._pending is None:
+            return
+        step = self._pending
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except BaseException as e:
+            self._pending = None
+            self._on_save_error(e, step, self.root / (step_dir_name(step) + ".tmp"))
+            raise
+        if done:
+            self._pending = None
+
+    def _on_save_error(self, e: BaseException, step: int, tmp: Path) -> None:
+        """Remove the partial directory at once; turn a full disk into one line (DiskFullError)."""
+        full = _is_disk_full(e) or _out_of_space(self.root)  # torch's writer may hide ENOSPC ("unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            return
+        raise DiskFullError(self._disk_full_message(step)) from None
+
+    def _disk_full_message(self, step: int) -> str:
+        good = self.latest_name()
+        free = shutil.disk_usage(self.root).free if self.root.exists() else None
+        size = checkpoint_bytes(self.root / good) if good else None
+        last = (f"the last good checkpoint is {good} ('latest' still names it)" if good
+                else "no earlier checkpoint exists")
+        fix = (f"free space or keep fewer checkpoints (trainer.keep_last={max(1, self.keep_last - 1)}; now "
+               f"{self.keep_last}{f', keep_every={self.keep_every}' if self.keep_every else ''}), then rerun the "
+               f"same command to resume")
+        return (f"disk full while saving checkpoint {step_dir_name(step)} to {self.root}: {human_bytes(free)} free, a "
+                f"checkpoint takes {human_bytes(size)}; {last}; the partial {step_dir_name(step)}.tmp was removed. Fix: "
+                f"{fix} (exit code {DISK_FULL_EXIT_CODE})")
 
     def _retain(self, newest: int) -> None:
         steps = self.steps()
@@ -130,10 +307,17 @@ class CheckpointManager:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # torch DCP's CheckpointException is a BaseException; corrupt/missing shards
+            other = self.newest_valid(below=step)
             raise MegadiffError(f"could not load checkpoint {d}: {type(e).__name__}: {str(e)[:500]}. The "
-                                f"checkpoint is corrupt, incomplete or from a different model shape; point "
-                                f"{self.root / 'latest'} at an older step directory or fix the model config") from e
+                                f"checkpoint is corrupt, incomplete or from a different model shape; fix the model "
+                                f"config{self._offer(other) if other is not None else ''}") from e
         return extra
+
+
+def _loud_warning(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: {msg}\n{bar}", file=sys.stderr, flush=True)
 
 
 def _unwrap(model):

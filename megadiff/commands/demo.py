@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from megadiff import EXIT_REQUEUE
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="tokenize -> train -> eval -> sample -> MLflow on the bundled corpus (CPU)",
@@ -71,7 +73,7 @@ def run(args) -> int:
     half = cfg.trainer.max_steps // 2
     _step(f"2/5 train on {args.nproc} CPU processes: steps 1-{half}, then stop (as if preempted)")
     rc = _megadiff("train", args.config, *ov, f"trainer.stop_after={half}", "--nproc-per-node", str(args.nproc))
-    if rc not in (0, 75):
+    if rc not in (0, EXIT_REQUEUE):
         return rc
     _step(f"3/5 resume from {run_dir}/checkpoints/latest and finish ({cfg.trainer.max_steps} steps), then sample")
     rc = _megadiff("train", args.config, *ov, "trainer.stop_after=0", "--nproc-per-node", str(args.nproc))

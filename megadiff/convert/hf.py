@@ -20,6 +20,7 @@ import torch
 from megadiff import MegadiffError
 from megadiff.convert.keymap import Heads, arch_map, hf_to_megatron, megatron_to_hf
 from megadiff.diffusion.catalog import OBJECTIVES
+from megadiff.diffusion.shift import parameterisation_readme, parameterisation_record
 
 MASK_TOKEN = "[MASK]"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -109,6 +110,19 @@ print(tok.decode(x[0]))
 Converted with `megadiff convert to-hf`; `megadiff convert from-hf` imports it back.
 """
 
+BLOCK_CARD = """
+## Block diffusion: how to sample
+
+This model was trained with block diffusion (BD3-LM) over blocks of **{block_size}** tokens
+(`megadiff_block_size` in `config.json`). Generate left to right, one block at a time, blocks at multiples
+of {block_size} positions: the tokens of block k see the clean blocks before it and their own block
+(bidirectionally), never later blocks; clean blocks see each other block-causally. Inside a block, start
+from [MASK] and unmask positions over several calls (as in the one-step example, but the model must only
+see the prefix and the current block). The exact KV-cached sampler is megadiff's `bd3lm` sampler
+(`megadiff sample CKPT --sampler bd3lm` on the megadiff checkpoint). The single-step example above
+runs the model over the whole sequence without the block layout, which is not how it was trained.
+"""
+
 def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
     from megadiff.convert.ckpt import read_checkpoint
@@ -126,6 +140,9 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
     objective = ck.meta.get("objective", ck.cfg.diffusion.objective)
     traits = OBJECTIVES.traits(objective)
     conf = hf_config(shape, ck.cfg.model, padded, vocab, causal=traits.needs_causal_mask)
+    if traits.block_diffusion:
+        conf.megadiff_block_size = int(ck.cfg.diffusion.block_size)
+    conf.megadiff_parameterisation = parameterisation_record(ck.cfg.diffusion)  # objective, shift, options
     tok_path = Path(vocab["tokenizer_path"] or "")
     if not tok_path.is_file():
         raise MegadiffError(f"tokenizer {tok_path} of {ck.path} not found; pass --data-dir")
@@ -149,7 +166,10 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
                 arch=shape.arch, params=params, step=ck.meta.get("step"), schedule=ck.cfg.diffusion.schedule,
                 attention="causal" if traits.needs_causal_mask else "bidirectional",
                 is_causal=str(traits.needs_causal_mask).lower(), mask_token=MASK_TOKEN, padded_vocab=padded,
-                **{k: vocab[k] for k in ("mask_id", "vocab_size", "eos_id", "pad_id", "bos_id")}))
+                **{k: vocab[k] for k in ("mask_id", "vocab_size", "eos_id", "pad_id", "bos_id")})
+                + "\n## Parameterisation (`megadiff_parameterisation` in `config.json`)\n\n"
+                + parameterisation_readme(ck.cfg.diffusion)
+                + (BLOCK_CARD.format(block_size=conf.megadiff_block_size) if traits.block_diffusion else ""))
     except FileExistsError as e:
         raise MegadiffError(f"{e} (or pass --overwrite)") from None
     return out

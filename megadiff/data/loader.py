@@ -36,7 +36,7 @@ from megadiff.data.format import (
 )
 from megadiff.utils.io import sha256_file
 
-__all__ = ["ShardDataset", "GlobalBatchLoader", "ManifestInfo", "check_compat"]
+__all__ = ["ShardDataset", "GlobalBatchLoader", "ManifestInfo", "check_compat", "PrefixDataset", "limit_unique_tokens"]
 
 log = logging.getLogger("megadiff.data")
 _REWRITE = "re-run `megadiff data tokenize` with the dataset's config (it rewrites missing or damaged shards)"
@@ -283,3 +283,38 @@ class GlobalBatchLoader:
                     f"differ from the saved run's. Restore the run's data config, or start a new run"
                 )
         self.global_step = int(sd["global_step"])
+
+
+class PrefixDataset:
+    """The first ``n`` samples of a fixed shuffle (keyed on ``seed``) of a dataset: a deterministic
+    U-token prefix of the shuffled split, which ``GlobalBatchLoader`` then repeats epoch after epoch."""
+
+    def __init__(self, ds: Any, n: int, seed: int):
+        self.ds, self.info, self.path, self.split = ds, ds.info, ds.path, ds.split
+        self.index = np.random.default_rng([seed, 2, len(ds)]).permutation(len(ds))[:n]
+
+    @property
+    def skipped(self) -> int:
+        return self.ds.skipped
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ds[int(self.index[i])]
+
+
+def limit_unique_tokens(datasets: Sequence[Any], unique_tokens: int | None, seed: int) -> list[Any]:
+    """``data.unique_tokens``: train on U unique tokens (whole samples) of the one training split, repeated."""
+    if unique_tokens is None:
+        return list(datasets)
+    if len(datasets) != 1:
+        raise MegadiffError(f"data.unique_tokens={unique_tokens} limits a single training dataset, but data.train has "
+                            f"{len(datasets)}; build one dataset for a data-constrained run")
+    ds = datasets[0]
+    n = int(unique_tokens) // ds.info.seq_len
+    if n < 1 or n > len(ds):
+        raise MegadiffError(
+            f"data.unique_tokens={unique_tokens} is {n} samples of {ds.info.seq_len} tokens, but {ds.path} "
+            f"[{ds.split}] has {len(ds)} ({len(ds) * ds.info.seq_len} tokens); set it between one sample and that")
+    return [PrefixDataset(ds, n, seed)]

@@ -22,6 +22,10 @@ class ObjectiveTraits:
     val_metric: str = "nelbo"  # validation metric name: nelbo (a bound on the NLL) | nll (exact)
     val_is_bound: bool = True  # the validation value upper-bounds the NLL (printed as "ppl <=")
     train_loss_is_val_metric: bool = True  # its training loss estimates the validation metric itself
+    options: tuple = ()  # the diffusion.* config keys (beyond the common ones) this objective reads
+    stacks_rows: bool = False  # prepare may stack several inputs per sample along the batch (2x/3x rows)
+    absorbing: bool = True  # [MASK]-only forward process: the SAMPLERS and elbo.evaluate_nelbo apply to it
+    block_diffusion: bool = False  # BD3-LM: takes diffusion.block_size; model input [x_t ‖ x_0] (2L tokens)
 
 
 OBJECTIVES: Registry = Registry("objective")
@@ -32,6 +36,19 @@ OBJECTIVES.declare("llada", "megadiff.diffusion.objectives", ObjectiveTraits(
 OBJECTIVES.declare("ar", "megadiff.diffusion.objectives", ObjectiveTraits(
     "autoregressive (next token)", is_autoregressive=True, needs_causal_mask=True, val_metric="nll",
     val_is_bound=False))
+OBJECTIVES.declare("mdlm_adapt", "megadiff.diffusion.hybrid", ObjectiveTraits(
+    "masked diffusion (MDLM NELBO) with AR-adaptation options: shift (position i predicts i+1), "
+    "complementary masks", options=("shift", "complementary"), stacks_rows=True))
+OBJECTIVES.declare("ar_mdlm", "megadiff.diffusion.hybrid", ObjectiveTraits(
+    "joint autoregressive + shifted masked-diffusion loss (causal model)", is_autoregressive=True,
+    needs_causal_mask=True, val_metric="nll", val_is_bound=False, train_loss_is_val_metric=False,
+    options=("ar_weight", "diffusion_weight", "complementary"), stacks_rows=True))
+OBJECTIVES.declare("gidd", "megadiff.diffusion.uniform", ObjectiveTraits(
+    "interpolating mask + uniform noise (GIDD; uniform_fraction=1: uniform diffusion), continuous-time NELBO",
+    options=("uniform_fraction",), absorbing=False))
+OBJECTIVES.declare("bd3lm", "megadiff.diffusion.block", ObjectiveTraits(
+    "block diffusion (BD3-LM, block NELBO)", block_diffusion=True,
+    options=("block_size", "mask_rate_min", "mask_rate_max")))
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class SamplerTraits:
     stops_at_eos: bool = False  # takes eos_id/pad_id: variable-length output (not with infilling)
     remasking: bool = False  # takes `remasking=` (LLaDA low_confidence | random)
     grouped: bool = False  # takes `group=` (tokens revealed per network call)
+    needs_denoiser: bool = False  # block diffusion: takes `denoiser=` (KV-cached BD3-LM calls) and the run's block size
 
 
 SAMPLERS: Registry = Registry("sampler")
@@ -57,6 +75,9 @@ SAMPLERS.declare("llada", "megadiff.diffusion.samplers", SamplerTraits(
 SAMPLERS.declare("block", "megadiff.diffusion.samplers", SamplerTraits(
     "semi-autoregressive blocks of cached ancestral sampling", needs_schedule=True, cacheable=True, blocks=True,
     default_block=32, stops_at_eos=True))
+SAMPLERS.declare("bd3lm", "megadiff.diffusion.block_sampler", SamplerTraits(
+    "block diffusion (BD3-LM) with an exact KV cache of the clean prefix", cacheable=True, blocks=True,
+    stops_at_eos=True, needs_denoiser=True))
 
 SCHEDULES: Registry = Registry("noise schedule")
 for _name in ("loglinear", "linear", "cosine", "poly"):

@@ -2,14 +2,12 @@
 
     obj = OBJECTIVES.get(cfg.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size)
     model_input, aux = obj.prepare(x0, noise)      # corrupted tokens (mdlm/llada) or x0 (ar)
-    out = obj.loss(logits, x0, aux)                 # LossOut(loss_sum, tokens, metrics)
+    out = obj.loss(logits, x0, aux)                 # LossOut(loss_sum, tokens)
 
 Reductions (see docs/diffusion.md): ``loss_sum`` is a SUM over the micro batch and ``tokens``
 the number of token positions it is normalised by; the trainer divides the summed loss of all
 micro batches and ranks by the summed ``tokens`` (gradient accumulation and data parallelism
-then give exactly the full-batch gradient). ``metrics`` holds detached SUMS as tensors (no
-host sync): ``masked`` (number of masked/target tokens), ``ce_sum`` (unweighted CE over them),
-``t_sum`` (sum of the sample times; 0 for ar).
+then give exactly the full-batch gradient).
 
 Logits may be wider than ``vocab_size`` (megatron pads the vocab): columns >= vocab_size get
 -inf, and so does the mask id for every objective here (it is never a target; for mdlm/llada
@@ -18,7 +16,7 @@ this is the SUBS parameterisation). CE is computed in float32 whatever the logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +30,6 @@ from megadiff.diffusion.schedules import Schedule
 class LossOut:
     loss_sum: torch.Tensor  # scalar float32, SUM over the micro batch (carries the graph)
     tokens: torch.Tensor  # scalar int64: normaliser contribution (token positions)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached sums
 
 
 @dataclass
@@ -69,6 +66,12 @@ def token_ce(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, mask_i
     return torch.logsumexp(lg, dim=-1) - lg.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
+def next_token_ce(logits: torch.Tensor, x: torch.Tensor, vocab_size: int, mask_id: int | None) -> torch.Tensor:
+    """[B, L-1] float32 CE of x[:, l+1] under logits[:, l]: the autoregressive likelihood, used by the ``ar``
+    objective, the zero-shot NLL and the AR scorer of generation quality."""
+    return token_ce(logits[:, :-1], x[:, 1:], vocab_size, mask_id)
+
+
 class Objective:
     """Base class. Subclasses implement ``prepare`` and ``loss`` (contract in the module docstring)."""
 
@@ -95,6 +98,12 @@ class Objective:
     def loss(self, logits: torch.Tensor, x0: torch.Tensor, aux: Any) -> LossOut:
         raise NotImplementedError
 
+    @property
+    def has_loss_rows(self) -> bool:
+        """``loss_rows`` / ``loss_from_ce`` are implemented: the step may score only those rows (fused loss
+        path); otherwise it computes full logits and calls ``loss``."""
+        return type(self).loss_rows is not Objective.loss_rows
+
     def loss_rows(self, x0: torch.Tensor, aux: Any) -> LossRows:
         raise NotImplementedError
 
@@ -107,8 +116,19 @@ class Objective:
 class _MaskedDiffusion(Objective):
     """Shared body: loss_sum = sum_b weight_b * sum_{l masked} CE(b, l); tokens = B * L."""
 
+    def __init__(self, schedule: Schedule, mask_id: int, vocab_size: int, cfg: Any = None, **kw: Any):
+        super().__init__(schedule, mask_id=mask_id, vocab_size=vocab_size, **kw)
+        self.eps = float(cfg.eps) if cfg is not None else 1e-3  # diffusion.eps
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def for_validation(self) -> Objective:
+        """The NELBO of the eps-truncated chain by mask counts (elbo.CountNELBO): unbiased, finite variance,
+        an upper bound on the NLL for every schedule, whatever this objective's training weighting."""
+        from megadiff.diffusion.elbo import CountNELBO
+
+        return CountNELBO(self.schedule, self.mask_id, self.vocab_size, eps=self.eps)
 
     def prepare(self, x0, noise):
         xt, masked = corrupt(x0, noise, self.schedule, self.mask_id)
@@ -119,20 +139,14 @@ class _MaskedDiffusion(Objective):
         ce = token_ce(logits, x0, self.vocab_size, self.mask_id)  # [B, L] float32
         ce_m = torch.where(aux.masked, ce, torch.zeros_like(ce))
         loss_sum = (ce_m * aux.weight[:, None]).sum()
-        metrics = {
-            "masked": aux.masked.sum().detach(),
-            "ce_sum": ce_m.sum().detach(),
-            "t_sum": aux.t.float().sum().detach(),
-        }
-        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device))
 
     def loss_rows(self, x0, aux: DiffusionAux):
         sel = aux.masked
         return LossRows(sel, x0[sel], aux.weight[:, None].expand_as(x0)[sel])
 
     def loss_from_ce(self, ce, loss_sum, rows, x0, aux: DiffusionAux):
-        metrics = {"masked": rows.select.sum().detach(), "ce_sum": ce.sum(), "t_sum": aux.t.float().sum().detach()}
-        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device), metrics)
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device))
 
 
 @OBJECTIVES.register("mdlm")
@@ -162,8 +176,6 @@ class LLaDA(_MaskedDiffusion):
     def weight(self, t):
         return 1.0 / self.schedule.mask_prob(t)
 
-    def for_validation(self) -> Objective:
-        return MDLM(self.schedule, mask_id=self.mask_id, vocab_size=self.vocab_size)
 
 
 @OBJECTIVES.register("ar")
@@ -180,14 +192,9 @@ class Autoregressive(Objective):
         return x0, None
 
     def loss(self, logits, x0, aux=None):
-        ce = token_ce(logits[:, :-1], x0[:, 1:], self.vocab_size, self.mask_id)
+        ce = next_token_ce(logits, x0, self.vocab_size, self.mask_id)
         n = ce.numel()
-        metrics = {
-            "masked": torch.tensor(n, device=x0.device),
-            "ce_sum": ce.detach().sum(),
-            "t_sum": torch.zeros((), device=x0.device),
-        }
-        return LossOut(ce.sum(), torch.tensor(n, device=x0.device), metrics)
+        return LossOut(ce.sum(), torch.tensor(n, device=x0.device))
 
     def loss_rows(self, x0, aux=None):
         sel = torch.ones_like(x0, dtype=torch.bool)
@@ -196,12 +203,9 @@ class Autoregressive(Objective):
         return LossRows(sel, target, torch.ones(target.shape, dtype=torch.float32, device=x0.device))
 
     def loss_from_ce(self, ce, loss_sum, rows, x0, aux=None):
-        n = ce.numel()
-        metrics = {"masked": torch.tensor(n, device=x0.device), "ce_sum": ce.sum(),
-                   "t_sum": torch.zeros((), device=x0.device)}
-        return LossOut(loss_sum, torch.tensor(n, device=x0.device), metrics)
+        return LossOut(loss_sum, torch.tensor(ce.numel(), device=x0.device))
 
 
 def make_objective(cfg_diffusion: Any, schedule: Schedule, mask_id: int, vocab_size: int) -> Objective:
     """Build the objective named by a ``DiffusionConfig``."""
-    return OBJECTIVES.get(cfg_diffusion.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size)
+    return OBJECTIVES.get(cfg_diffusion.objective)(schedule, mask_id=mask_id, vocab_size=vocab_size, cfg=cfg_diffusion)

@@ -33,10 +33,6 @@ class ParallelContext:
     pg: Any  # megatron ProcessGroupCollection
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 

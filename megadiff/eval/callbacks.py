@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from megadiff.checkpoint.inference import model_fn_of
+from megadiff.diffusion.catalog import OBJECTIVES
 from megadiff.train.callbacks import Callback
 
 
@@ -30,12 +31,25 @@ class EndOfRunSamples(Callback):
             if trainer.ctx.rank == 0:
                 print("samples skipped under pipeline parallelism; run `megadiff sample` on the checkpoint", flush=True)
             return
+        if not OBJECTIVES.traits(trainer.cfg.diffusion.objective).absorbing:
+            if trainer.ctx.rank == 0:
+                print(f"samples skipped: no sampler for diffusion.objective={trainer.cfg.diffusion.objective} "
+                      f"(its noise is not [MASK]-only)", flush=True)
+            return
         tokenizer, _ = load_from_dir(trainer.cfg.data.train[0].path)
         model = trainer.built.model
         model.eval()
         out = trainer.run_dir / "samples.jsonl" if trainer.ctx.rank == 0 else None
-        recs = generate(model_fn_of(model), tokenizer, [""] * self.num, gen_length=trainer.seq_len,
-                        sampler="ancestral", sampler_kwargs={"steps": self.steps}, batch_size=self.num,
+        sampler, kw = "ancestral", {"steps": self.steps}
+        if OBJECTIVES.traits(trainer.cfg.diffusion.objective).block_diffusion:  # BD3-LM layout + KV cache
+            from megadiff.model.block_lm import MegatronDenoiser
+
+            bs = int(trainer.cfg.diffusion.block_size)
+            sampler, kw = "bd3lm", {"block_length": bs, "denoiser": MegatronDenoiser(model, bs)}
+        from megadiff.diffusion.shift import aligned_model_fn
+
+        recs = generate(aligned_model_fn(model_fn_of(model), trainer.cfg.diffusion), tokenizer, [""] * self.num, gen_length=trainer.seq_len,
+                        sampler=sampler, sampler_kwargs=kw, batch_size=self.num,
                         seed=self.seed, vocab_size=trainer.info.vocab_size, mask_id=trainer.info.mask_id,
                         device=trainer.ctx.device, out_path=None, progress=False)
         model.train()

@@ -60,10 +60,14 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=1, help="samples per prompt / infill text")
     p.add_argument("--length", type=int, default=None,
                    help="tokens to generate after the prompt (default: fill the model's context)")
-    p.add_argument("--sampler", default="ancestral", help="ancestral | first_hitting | llada | block")
+    p.add_argument("--sampler", default="ancestral", help="ancestral | first_hitting | llada | block | bd3lm "
+                   "(bd3lm: block-diffusion checkpoints)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps: total for ancestral (default: length), per block for llada/block")
-    p.add_argument("--no-cache", action="store_true", help="ancestral/block: call the network every step")
+                   help="sampler steps: total for ancestral (default: length), per block for llada/block/bd3lm")
+    p.add_argument("--no-cache", action="store_true",
+                   help="ancestral/block: call the network every step; bd3lm: recompute the prefix every call")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="bd3lm: Fast-dLLM parallel decoding, keep every token whose probability >= this per call")
     p.add_argument("--remasking", default="low_confidence", help="llada: low_confidence | random")
     _sampling_opts(p)
     p.add_argument("--out", default="samples.jsonl", help="JSONL output ('' = do not write)")

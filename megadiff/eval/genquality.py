@@ -29,7 +29,7 @@ from megadiff import MegadiffError
 def sampler_kwargs(im: Any, sampler: str, steps: Optional[int] = None, block_length: Optional[int] = None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, length: int = 64,
                    remasking: str = "low_confidence", group: int = 1, cache: bool = True,
-                   stop_at_eos: bool = True) -> dict:
+                   stop_at_eos: bool = True, threshold: Optional[float] = None) -> dict:
     """Keyword arguments of a registered sampler, filled from its declared traits and the run (schedule,
     EOS id). ``steps`` is the total for unblocked samplers and per block for blocked ones."""
     from megadiff.diffusion.catalog import SAMPLERS
@@ -52,6 +52,20 @@ def sampler_kwargs(im: Any, sampler: str, steps: Optional[int] = None, block_len
         kw["remasking"] = remasking
     if tr.stops_at_eos and stop_at_eos:
         kw.update(eos_id=im.info.eos_id, pad_id=im.info.pad_id)
+    if tr.needs_denoiser:  # block diffusion: the run's block size, per-block steps, KV-cached network calls
+        from megadiff.diffusion.catalog import OBJECTIVES
+        from megadiff.model.block_lm import MegatronDenoiser
+
+        if not OBJECTIVES.traits(im.cfg.diffusion.objective).block_diffusion:
+            raise MegadiffError(f"sampler {sampler!r} needs a block-diffusion checkpoint; this one was trained with "
+                                f"diffusion.objective={im.cfg.diffusion.objective}")
+        bs = int(im.cfg.diffusion.block_size)
+        if block_length not in (None, bs):
+            raise MegadiffError(f"--block-length {block_length} differs from the checkpoint's diffusion.block_size "
+                                f"{bs}; leave it out")
+        kw.update(block_length=bs, steps=steps or bs, denoiser=MegatronDenoiser(im.model, bs), threshold=threshold)
+    elif threshold is not None:
+        raise MegadiffError(f"--threshold (Fast-dLLM parallel decoding) applies to the bd3lm sampler, not {sampler!r}")
     return kw
 
 
@@ -157,10 +171,10 @@ class ARScorer:
 
     @torch.no_grad()
     def nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[tuple[float, int]]:
-        from megadiff.diffusion.objectives import token_ce
+        from megadiff.diffusion.objectives import next_token_ce
 
         def chunk_nll(x: torch.Tensor) -> float:
-            ce = token_ce(self.im.model_fn(x)[:, :-1], x[:, 1:], self.im.info.vocab_size, self.im.info.mask_id)
+            ce = next_token_ce(self.im.model_fn(x), x, self.im.info.vocab_size, self.im.info.mask_id)
             return float(ce.to(torch.float64).sum())
 
         return _chunked_nll(seqs, self.max_len, self.im.device, chunk_nll)

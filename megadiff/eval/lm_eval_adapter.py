@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 
+from megadiff import MegadiffError
+
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
@@ -44,6 +46,10 @@ class MegadiffLM(LM):
         from megadiff.checkpoint.inference import load_for_inference
 
         self.im = load_for_inference(pretrained, device=device)
+        if self.im.traits.block_diffusion:
+            raise MegadiffError(f"{pretrained}: the lm-eval adapter scores with the plain MDLM ELBO, which does not "
+                                "apply the block-diffusion (BD3-LM) layout; block-diffusion checkpoints are not "
+                                "supported by lm-eval yet (use `megadiff eval` for the block NELBO)")
         self.mc = int(mc_samples)
         self.bs = int(batch_size)
         self.sampler, self.steps, self.temperature = sampler, steps, float(temperature)

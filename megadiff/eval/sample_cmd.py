@@ -93,7 +93,7 @@ def run_sample(args) -> int:
         n_gen = int((~fixed).sum())
         kw = sampler_kwargs(im, args.sampler, steps=args.steps, block_length=args.block_length,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length=n_gen,
-                            remasking=args.remasking, cache=not args.no_cache,
+                            remasking=args.remasking, cache=not args.no_cache, threshold=args.threshold,
                             stop_at_eos=kind == "prompt")  # no EOS early stop when fixed text follows the spans
         toks, stats = run_sampler(im, canvas.expand(args.num, -1), args.sampler, kw, seed=args.seed,
                                   batch_size=args.batch_size, progress=not args.no_progress,

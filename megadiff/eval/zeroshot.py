@@ -110,11 +110,11 @@ def text_set(im: Any, path: str, max_seqs: int = 0, seq_len: int | None = None) 
 
 @torch.no_grad()
 def _ar_nll(model_fn, batches, vocab_size: int, mask_id: int) -> dict:
-    from megadiff.diffusion.objectives import token_ce
+    from megadiff.diffusion.objectives import next_token_ce
 
     total, tokens, seqs, per_seq = 0.0, 0, 0, []
     for x in batches:
-        ce = token_ce(model_fn(x)[:, :-1], x[:, 1:], vocab_size, mask_id).to(torch.float64)
+        ce = next_token_ce(model_fn(x), x, vocab_size, mask_id).to(torch.float64)
         total += float(ce.sum())
         tokens += ce.numel()
         seqs += x.shape[0]
@@ -138,8 +138,16 @@ def evaluate_set(im: Any, es: EvalSet, n_t: int = 8, batch_size: int = 8, seed: 
         out = {"metric": "nll", **r, "bits_per_token": r["nll"] / math.log(2)}
     else:
         sched = make_schedule(im.cfg.diffusion.schedule, im.cfg.diffusion.schedule_power)
-        r = evaluate_nelbo(im.model_fn, batches, sched, im.info.mask_id, im.info.vocab_size, n_t=n_t, seed=seed,
-                           mode=t_mode)
+        if im.traits.block_diffusion:  # the block NELBO through the BD3-LM mask (midpoint rule in t)
+            from megadiff.diffusion.block import evaluate_block_nelbo
+            from megadiff.model.block_lm import bd3lm_model_fn
+
+            r = evaluate_block_nelbo(bd3lm_model_fn(im.model, im.cfg.diffusion.block_size), batches, sched,
+                                     im.info.mask_id, im.info.vocab_size, im.cfg.diffusion.block_size, n_t=n_t,
+                                     seed=seed)
+        else:
+            r = evaluate_nelbo(im.model_fn, batches, sched, im.info.mask_id, im.info.vocab_size, n_t=n_t,
+                               seed=seed, mode=t_mode)
         if not math.isfinite(r["nelbo"]):
             raise MegadiffError(f"{es.name}: the NELBO is {r['nelbo']} (non-finite model output); the checkpoint "
                                 f"{im.ckpt_dir} is damaged or diverged")

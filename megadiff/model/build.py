@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megadiff.model.attention import resolve_backend
 from megadiff.model.catalog import ATTENTION_BACKENDS
+from megadiff.model.positions import install as install_positions
 from megadiff.model.presets import ModelShape, padded_vocab_size, resolve_shape
 
 
@@ -148,14 +149,15 @@ class BuiltModel:
 def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: int = 1, pp: int = 1, pg_collection=None,
                 pre_process: bool = True, post_process: bool = True, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                vp_stage: Optional[int] = None, init_weights: bool = True) -> BuiltModel:
+                vp_stage: Optional[int] = None, masked: bool = False, init_weights: bool = True) -> BuiltModel:
     """Build this rank's part of the model (all of it when tp = pp = 1); ``causal`` for an autoregressive
-    objective (``config.is_causal``), bidirectional otherwise.
+    objective (``config.is_causal``), bidirectional otherwise. ``masked``: the run feeds document / block
+    masks (``auto`` then picks a backend that applies them).
 
     ``init_weights=False`` with ``device="meta"`` builds the partition without allocating weights
     (the dry run)."""
     shape = resolve_shape(model_cfg)
-    backend = resolve_backend(model_cfg.attention_backend, "cpu" if device == "meta" else device)
+    backend = resolve_backend(model_cfg.attention_backend, "cpu" if device == "meta" else device, masked=masked)
     fusions = fusion_settings(device)
     config = transformer_config(shape, model_cfg, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
                                 dtype=dtype, cpu_init=True, fusions=fusions,
@@ -175,6 +177,7 @@ def build_model(model_cfg: Any, vocab_size: int, *, causal: bool = False, tp: in
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    install_positions(model)  # RoPE follows position_ids (packed documents, BD3-LM, KV-cached sampling)
     if device not in ("cpu", "meta"):
         model = model.to(device)
     return BuiltModel(model, shape, vocab_size, vpad, backend, config, fusions)

@@ -19,11 +19,16 @@ class AttentionTraits:
     cuda_only: bool = False
     te_layers: bool = False  # build the layer from megatron's transformer-engine spec (TE norms/linears)
     auto_rank: int = 0  # preference of `auto` among usable backends (higher first)
+    masks: bool = False  # applies megadiff AttentionMasks (packed documents, BD3-LM, KV-cached block sampling)
+    cpu_backward: bool = True  # trains on CPU (`auto` on CPU only picks these)
 
 
 ATTENTION_BACKENDS: Registry = Registry("attention backend")
 ATTENTION_BACKENDS.declare("sdpa", "megadiff.model.attention", AttentionTraits(
-    "torch scaled_dot_product_attention (flash/cuDNN/efficient kernels on GPU, math kernel on CPU)"))
+    "torch scaled_dot_product_attention (flash/cuDNN/efficient kernels on GPU, math kernel on CPU)", masks=True))
+ATTENTION_BACKENDS.declare("flex", "megadiff.model.attention", AttentionTraits(
+    "torch flex_attention with block masks (compiled on GPU; forward only on CPU)",
+    package="torch.nn.attention.flex_attention", masks=True, cpu_backward=False, auto_rank=1))
 ATTENTION_BACKENDS.declare("flash", "megadiff.model.attention", AttentionTraits(
     "flash-attn 2/3", package="flash_attn", cuda_only=True, auto_rank=1))
 ATTENTION_BACKENDS.declare("te", "megadiff.model.te_attention", AttentionTraits(

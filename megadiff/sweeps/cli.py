@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     pl = sub.add_parser("launch", help="run the sweep's unfinished runs (local processes or a Slurm job array)")
     pl.add_argument("sweep")
     pl.add_argument("overrides", nargs="*")
-    pl.add_argument("--executor", choices=("local", "slurm"), default="local")
+    pl.add_argument("--executor", default="local",
+                    help="local (built in: processes on this machine), or an executor registered in the entry-point "
+                         "group megadiff.sweep_executors (slurm: one job array, from the repository's launch/)")
     pl.add_argument("--parallel", type=int, default=None, help="local: runs at a time (default launch.parallel)")
     pl.add_argument("--cluster", help="slurm: cluster profile (default launch.slurm.cluster)")
     pl.add_argument("--skip-refused", action="store_true", help="launch the feasible runs even if some are refused")
@@ -40,7 +42,16 @@ def register(subparsers) -> None:
     ps.set_defaults(func=cmd_status)
 
     pf = sub.add_parser("fit", help="fit scaling laws to the finished runs (Approaches 2 and 3, MDM vs AR)")
-    pf.add_argument("sweep", help="sweep YAML, or a sweep id (then --tracking-uri or $MLFLOW_TRACKING_URI)")
+    pf.add_argument("sweep", nargs="?", help="sweep YAML, or a sweep id (then --tracking-uri or $MLFLOW_TRACKING_URI)")
+    pf.add_argument("--csv", metavar="FILE", help="fit runs from a table instead (columns N, D, loss; optionally "
+                    "objective, budget, C, unique_tokens, epochs, name); needs --out")
+    pf.add_argument("--exclude", metavar="NAMES", help="leave these runs out: comma-separated names or globs "
+                    "(shown as crosses on residuals.png)")
+    pf.add_argument("--exclude-top", type=int, default=0, metavar="K",
+                    help="leave out the K highest-loss runs of each objective (diverged or unconverged runs)")
+    pf.add_argument("--flops", choices=("kernel", "6nd"), default=None,
+                    help="FLOPs convention for allocations and the MDM-vs-AR multiplier (default: the sweep's "
+                         "`flops`); the other is reported beside it when the runs carry both")
     pf.add_argument("--tracking-uri", help="MLflow store (default: the sweep's)")
     pf.add_argument("--allow-partial", action="store_true", help="fit the finished runs even if some are missing")
     pf.add_argument("--out", help="output directory (default <sweep out_dir>/fit)")
@@ -79,6 +90,7 @@ def cmd_plan(args) -> int:
 def cmd_launch(args) -> int:
     from megadiff.sweeps import launch as L
     from megadiff.sweeps.plan import check_overrides, format_table
+    from megadiff.tracking import sweep_runs as T
 
     spec, plan = _plan(args)
     print(format_table(plan))
@@ -94,14 +106,16 @@ def cmd_launch(args) -> int:
         for r in plan.feasible:
             print(f"{L.run_state(r)}: {' '.join(L.train_argv(plan, r, '<parent-run-id>', command))}")
         return 0
-    parent = L.ensure_parent(plan)
+    if args.executor != "local":
+        run_external = L.external_executor(args.executor)  # before anything is written: a clear error if missing
+    parent = T.ensure_parent(plan)
     L.write_state(plan, parent)
     done, todo = L.pending_runs(plan)
     print(f"sweep {plan.sweep_id}: parent MLflow run {parent} in {plan.tracking_uri} (experiment {plan.experiment})")
     print(f"{len(done)} runs finished (skipped), {len(todo)} to run"
           + (f": {sum(1 for r in todo if L.run_state(r) == 'partial')} resume from a checkpoint" if todo else ""))
     if not todo:
-        L.finish_parent(plan, parent)
+        T.finish_parent(plan, parent)
         return 0
     left_out = []
     if args.only:
@@ -109,11 +123,13 @@ def cmd_launch(args) -> int:
         print(f"--only {args.only}: launching {len(todo)} of them ({', '.join(r.name for r in todo)})")
         if not todo:
             return 0
-    if args.executor == "slurm":
-        opts = dict(spec.launch.slurm)
+    if args.executor != "local":
+        from omegaconf import OmegaConf
+
+        opts = dict(OmegaConf.select(spec.launch, args.executor, default=None) or {})  # launch.<executor>: options
         if args.cluster:
             opts["cluster"] = args.cluster
-        sub = L.launch_slurm(plan, todo, parent, opts)
+        sub = run_external(plan, todo, parent, opts)
         print(f"submitted job array {sub.job_id} ({len(todo)} members; script {sub.script}); "
               f"member i is {sub.job_id}_i in the order: {', '.join(r.name for r in todo)}")
         print(f"when they finish: megadiff sweep fit {args.sweep}")
@@ -126,7 +142,7 @@ def cmd_launch(args) -> int:
     if left_out:
         print(f"{len(left_out)} runs not launched (--only); launch them later, then: megadiff sweep fit {args.sweep}")
         return 0
-    L.finish_parent(plan, parent)
+    T.finish_parent(plan, parent)
     print(f"all {len(plan.feasible)} runs finished; next: megadiff sweep fit {args.sweep}")
     return 0
 
@@ -146,10 +162,11 @@ def _select(todo: list, plan, only: str) -> tuple[list, list]:
 
 def cmd_status(args) -> int:
     from megadiff.sweeps import launch as L
+    from megadiff.tracking import sweep_runs as T
 
     _, plan = _plan(args)
     try:
-        finished = {n for n, r in L.mlflow_runs(plan).items() if r.info.status == "FINISHED"}
+        finished = T.finished_runs(plan)
     except Exception as e:  # no store yet
         print(f"(MLflow store not readable: {type(e).__name__})")
         finished = set()
@@ -162,15 +179,16 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_fit(args) -> int:
+def _sweep_observations(args):
+    """(observations, missing, fit spec, sweep id, out dir, tracking uri, parent run id, FLOPs convention)."""
     from megadiff.sweeps import results as R
-    from megadiff.sweeps.launch import _client, find_parent
     from megadiff.sweeps.plan import Plan
     from megadiff.sweeps.spec import FitSpec, load_sweep
+    from megadiff.tracking import sweep_runs as T
 
     if Path(args.sweep).is_file():
         spec = load_sweep(args.sweep)
-        fit_spec = spec.fit
+        fit_spec, convention = spec.fit, spec.flops
         plan_file = Path(spec.out_dir) / "plan.json"
         if not plan_file.exists():
             raise MegadiffError(f"{plan_file} not found: the sweep was never launched "
@@ -189,14 +207,15 @@ def cmd_fit(args) -> int:
         from omegaconf import OmegaConf
 
         fit_spec = OmegaConf.structured(FitSpec)
-        plan, parent_id = R.plan_from_mlflow(args.sweep, uri)
+        plan_json, parent_id = T.plan_from_mlflow(args.sweep, uri)
+        plan = Plan.from_json(plan_json)
+        plan.tracking_uri = uri
+        convention = plan.runs[0].flops_convention if plan.runs else "kernel"
         out = Path(args.out or Path(plan.out_dir) / "fit")
     if parent_id is None:
-        parent = find_parent(_client(plan.tracking_uri), plan.sweep_id)
-        parent_id = parent.info.run_id if parent else None
+        parent_id = T.parent_id(plan.tracking_uri, plan.sweep_id)
     metric = args.metric or fit_spec.metric
-    tail = args.tail or fit_spec.tail
-    obs, missing = R.collect(plan, metric, tail, fit_spec.n_kind)
+    obs, missing = R.collect(plan, metric, args.tail or fit_spec.tail, fit_spec.n_kind)
     if missing:
         print(f"{len(missing)} of {len(plan.feasible)} planned runs have no final {metric}:")
         for name, why in missing:
@@ -207,14 +226,40 @@ def cmd_fit(args) -> int:
     if missing and not args.allow_partial:
         raise MegadiffError(f"{len(missing)} runs are missing (listed above); relaunch the sweep to finish them, "
                             "or pass --allow-partial to fit the finished ones only")
+    return obs, missing, fit_spec, plan.sweep_id, out, plan.tracking_uri, parent_id, convention
+
+
+def cmd_fit(args) -> int:
+    from megadiff.sweeps import results as R
+    from megadiff.sweeps.external import exclude, read_csv
+    from megadiff.sweeps.spec import FitSpec
+
+    if args.csv:
+        if args.sweep:
+            raise MegadiffError("give either a sweep (YAML or id) or --csv FILE, not both")
+        if not args.out:
+            raise MegadiffError("--csv needs --out DIR (where fit.json, fit.txt and the plots go)")
+        from omegaconf import OmegaConf
+
+        obs, missing, fit_spec = read_csv(args.csv), [], OmegaConf.structured(FitSpec)
+        sweep_id, out, uri, parent_id, convention = Path(args.csv).stem, Path(args.out), None, None, "kernel"
+    elif args.sweep:
+        obs, missing, fit_spec, sweep_id, out, uri, parent_id, convention = _sweep_observations(args)
+    else:
+        raise MegadiffError("megadiff sweep fit needs a sweep YAML, a sweep id, or --csv FILE")
+    convention = args.flops or convention
+    patterns = [p.strip() for p in (args.exclude or "").split(",") if p.strip()]
+    obs, excluded = exclude(obs, patterns, args.exclude_top)
     n_boot = fit_spec.bootstrap if args.bootstrap is None else args.bootstrap
     res = R.run_fits(obs, n_boot=n_boot, seed=fit_spec.seed, ci_level=fit_spec.ci_level,
-                     compare_at=list(fit_spec.compare_at))
-    report = R.format_report(res, missing, len(obs))
+                     compare_at=list(fit_spec.compare_at), convention=convention)
+    report = R.format_report(res, missing, len(obs), excluded)
     print(report)
-    files = R.write_outputs(res, obs, missing, plan, out, report)
+    files = R.write_outputs(res, obs, missing, sweep_id, out, report, excluded)
     print(f"wrote {', '.join(str(f) for f in files)}")
     if parent_id and not args.no_log:
-        R.log_to_parent(plan.tracking_uri, parent_id, files, res)
+        from megadiff.tracking import sweep_runs as T
+
+        T.log_fit(uri, parent_id, files, res)
         print(f"logged to the parent MLflow run {parent_id} (artifacts under fit/)")
     return 0

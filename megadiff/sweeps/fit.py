@@ -7,11 +7,17 @@ Approach 3 (parametric, Hoffmann et al. 2022):
 fitted as ``log L ~ LSE(a - alpha log N, b - beta log D, e)`` (a = log A, b = log B, e = log E)
 with a Huber loss (delta = 1e-3) on the log-loss residuals, by L-BFGS-B started from the best
 points of a grid of initialisations. Bootstrap (resampling runs) gives percentile intervals.
-With C = k N D (k = training FLOPs per parameter per token, the median over the sweep's runs of
-C / (N D), about 6) the compute-optimal allocation is
+Compute is C = f(N) D with f the training FLOPs per token of a model of N parameters, fitted per
+run as a power law f(N) = k N^g through the runs' own (N, C/D) (:class:`FlopsLaw`; attention and
+embedding FLOPs make g differ from 1 on a small ladder). The compute-optimal allocation minimises
+L(N, C / f(N)) over N (numerically); for g = 1 (C = k N D) it is the closed form
 
     N_opt(C) = G (C/k)^a,  D_opt(C) = (C/k) / N_opt(C),  G = (alpha A / (beta B))^(1/(alpha+beta)),
-    a = beta / (alpha + beta),  b = alpha / (alpha + beta).
+    a = beta / (alpha + beta),  b = alpha / (alpha + beta),
+
+and a, b are reported as the exponents. Two FLOPs conventions are kept side by side: ``kernel``
+(model/flops.py: matmuls + attention, bidirectional in full, causal at half) and ``6nd`` (SMDM's
+C = 6 N_non-embedding D for every objective).
 
 Approach 2 (IsoFLOP profiles): per budget a parabola of the loss in log N; its minimum gives
 N*(C) (and D*(C) by interpolating log D in log N along that budget's runs); power laws through
@@ -46,17 +52,57 @@ GRID = {
 BOUNDS = [(-50.0, 80.0), (-50.0, 80.0), (-10.0, 5.0), (1e-3, 5.0), (1e-3, 5.0)]  # a, b, e, alpha, beta
 
 
+CONVENTIONS = ("kernel", "6nd")
+
+
 @dataclass(frozen=True)
 class Observation:
-    """One finished run: what the fits consume."""
+    """One finished run (or a row of an external table): what the fits consume."""
 
     name: str
     objective: str
     budget: float  # nominal budget C (FLOPs) the run was planned for (groups IsoFLOP profiles)
     n: float  # parameters
-    d: float  # training tokens
-    c: float  # training FLOPs actually spent (flops_per_token x D)
+    d: float  # training tokens (all repetitions included)
+    c: float  # training FLOPs actually spent, kernel convention (flops_per_token x D); 0: unknown
     loss: float  # final (or tail-averaged) validation NELBO, nats/token
+    c_6nd: float = 0.0  # 6 x N_non-embedding x D (SMDM's convention); 0: unknown
+    unique_tokens: float = 0.0  # U: distinct training tokens (0: every token seen once, U = D)
+    epochs: float = 1.0  # D / U
+
+    def compute(self, convention: str) -> float:
+        return self.c if convention == "kernel" else self.c_6nd
+
+
+@dataclass(frozen=True)
+class FlopsLaw:
+    """Training FLOPs per token as a function of N: f(N) = exp(log_k) N^g (g = 1: C = k N D)."""
+
+    log_k: float
+    g: float = 1.0
+
+    def __call__(self, n):
+        return np.exp(self.log_k + self.g * np.log(np.asarray(n, float)))
+
+    @property
+    def linear(self) -> bool:
+        return abs(self.g - 1.0) < 1e-9
+
+    @property
+    def k(self) -> float:
+        """FLOPs per parameter per token at g = 1 (else at N = 1e8, for display)."""
+        return float(math.exp(self.log_k)) if self.linear else float(self(1e8) / 1e8)
+
+
+def fit_flops_law(n: Sequence[float], c: Sequence[float], d: Sequence[float]) -> FlopsLaw:
+    """Least-squares power law of the runs' FLOPs per token C/D in N (per-run, not one median k)."""
+    n, fpt = np.asarray(n, float), np.asarray(c, float) / np.asarray(d, float)
+    if len(np.unique(n)) < 2:
+        return FlopsLaw(float(np.median(np.log(fpt / n))))
+    g, log_k = np.polyfit(np.log(n), np.log(fpt), 1)
+    if abs(g - 1.0) < 1e-6:
+        g, log_k = 1.0, float(np.median(np.log(fpt / n)))
+    return FlopsLaw(float(log_k), float(g))
 
 
 # ----------------------------------------------------------------------------- Approach 3
@@ -143,12 +189,32 @@ def allocation_exponents(p: dict[str, float]) -> dict[str, float]:
     return {"a": p["beta"] / s, "b": p["alpha"] / s, "G": math.exp(min(log_g, 700.0)), "log_G": log_g}
 
 
-def optimal_allocation(p: dict[str, float], c: float | np.ndarray, k: float) -> dict[str, Any]:
-    """N_opt, D_opt and L_opt at compute C for C = k N D (computed in log space)."""
-    ex = allocation_exponents(p)
-    logc = np.log(np.asarray(c, float) / k)
-    log_n = ex["log_G"] + ex["a"] * logc
-    log_d = logc - log_n
+def _log_n_opt_numeric(p: dict[str, float], logc: np.ndarray, law: FlopsLaw) -> np.ndarray:
+    """argmin over log N of L(N, C / f(N)) for each log C (bounded scalar search, float64)."""
+    from scipy.optimize import minimize_scalar
+
+    out = np.empty_like(logc)
+    for i, lc in enumerate(logc.ravel()):
+        def f(x, lc=lc):
+            log_d = lc - law.log_k - law.g * x
+            return p["A"] * math.exp(-p["alpha"] * x) + p["B"] * math.exp(max(-p["beta"] * log_d, -700.0))
+        hi = (lc - law.log_k) / law.g  # D = 1 token
+        r = minimize_scalar(f, bounds=(max(hi - 120.0, -50.0), hi), method="bounded", options={"xatol": 1e-10})
+        out.ravel()[i] = r.x
+    return out
+
+
+def optimal_allocation(p: dict[str, float], c: float | np.ndarray, k: float | FlopsLaw) -> dict[str, Any]:
+    """N_opt, D_opt and L_opt at compute C = f(N) D (f = k N for a number k; computed in log space)."""
+    law = k if isinstance(k, FlopsLaw) else FlopsLaw(math.log(k))
+    logc_raw = np.log(np.asarray(c, float))
+    if law.linear:
+        ex = allocation_exponents(p)
+        logc = logc_raw - law.log_k
+        log_n = ex["log_G"] + ex["a"] * logc
+    else:
+        log_n = _log_n_opt_numeric(p, np.atleast_1d(logc_raw).astype(float), law).reshape(logc_raw.shape)
+    log_d = logc_raw - law.log_k - law.g * log_n
     with np.errstate(over="ignore", under="ignore"):
         l_opt = p["E"] + p["A"] * np.exp(-p["alpha"] * log_n) + p["B"] * np.exp(-p["beta"] * log_d)
         return {"N_opt": np.exp(log_n), "D_opt": np.exp(log_d), "L_opt": l_opt}
@@ -162,11 +228,21 @@ def predict_loss(p: dict[str, float], n, d):
 @dataclass
 class ParametricFit:
     params: dict[str, float]
-    k: float  # C = k N D
+    flops: dict[str, FlopsLaw]  # FLOPs per token by convention (kernel and/or 6nd): C = f(N) D
     huber: float
     n_obs: int
     boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))  # bootstrap thetas (a, b, e, alpha, beta)
     ci_level: float = 0.95
+    convention: str = "kernel"  # the one used for allocations and the MDM-vs-AR multiplier by default
+
+    @property
+    def law(self) -> FlopsLaw:
+        return self.flops[self.convention]
+
+    @property
+    def k(self) -> FlopsLaw:
+        """The FLOPs law of the primary convention (accepted wherever a number k was)."""
+        return self.law
 
     @property
     def exponents(self) -> dict[str, float]:
@@ -202,39 +278,61 @@ class ParametricFit:
                            "exponent not determined")
         return out
 
-    def to_json(self, budgets: Sequence[float] = ()) -> dict[str, Any]:
-        ex = self.exponents
+    def predictions(self, budgets: Sequence[float], convention: str | None = None) -> list[dict[str, Any]]:
+        """N_opt, D_opt, L_opt (with bootstrap intervals) at each C under one FLOPs convention."""
+        law = self.flops[convention or self.convention]
         preds = []
         for c in budgets:
-            o = optimal_allocation(self.params, c, self.k)
+            o = optimal_allocation(self.params, c, law)
             row = {"C": float(c), **{k: float(v) for k, v in o.items()}}
             if len(self.boot) >= 2:
-                bo = [optimal_allocation(p, c, self.k) for p in self.boot_params()]
+                bo = [optimal_allocation(p, c, law) for p in self.boot_params()]
                 q = (1 - self.ci_level) / 2
                 for key in ("N_opt", "D_opt", "L_opt"):
                     vals = np.array([float(b[key]) for b in bo])
                     vals = vals[np.isfinite(vals)]
                     row[f"{key}_ci"] = [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
             preds.append(row)
+        return preds
+
+    def to_json(self, budgets: Sequence[float] = ()) -> dict[str, Any]:
+        ex = self.exponents
         return {
-            "params": self.params, "a": ex["a"], "b": ex["b"], "G": ex["G"], "k": self.k,
+            "params": self.params, "a": ex["a"], "b": ex["b"], "G": ex["G"], "k": self.law.k,
+            "flops": {cv: {"log_k": f.log_k, "g": f.g, "k_at_1e8": f.k} for cv, f in self.flops.items()},
+            "convention": self.convention,
             "huber_loss": self.huber, "n_obs": self.n_obs, "n_bootstrap": int(len(self.boot)),
-            "ci_level": self.ci_level, "ci": self.intervals(), "optimal": preds, "warnings": self.warnings(),
+            "ci_level": self.ci_level, "ci": self.intervals(), "optimal": self.predictions(budgets),
+            "optimal_by_convention": {cv: self.predictions(budgets, cv) for cv in self.flops if cv != self.convention},
+            "warnings": self.warnings(),
         }
 
 
+def flops_laws(obs: Sequence[Observation]) -> dict[str, FlopsLaw]:
+    """The per-run FLOPs-per-token law of each convention the observations carry."""
+    out = {}
+    for cv in CONVENTIONS:
+        c = np.array([o.compute(cv) for o in obs], float)
+        if np.all(c > 0):
+            out[cv] = fit_flops_law([o.n for o in obs], c, [o.d for o in obs])
+    if not out:
+        raise MegadiffError("the runs carry no training FLOPs (neither kernel C nor 6 N D): cannot allocate compute")
+    return out
+
+
 def fit_parametric(obs: Sequence[Observation], n_boot: int = 200, seed: int = 0, delta: float = HUBER_DELTA,
-                   ci_level: float = 0.95) -> ParametricFit:
+                   ci_level: float = 0.95, convention: str = "kernel") -> ParametricFit:
     """Approach 3 with bootstrap intervals (resampling runs with replacement)."""
     if len(obs) < 5:
         raise MegadiffError(f"the parametric fit (Approach 3) has 5 parameters and needs >= 5 runs; got {len(obs)}")
     n = np.array([o.n for o in obs], float)
     d = np.array([o.d for o in obs], float)
     loss = np.array([o.loss for o in obs], float)
-    c = np.array([o.c for o in obs], float)
     if np.any(~np.isfinite(loss)) or np.any(loss <= 0):
         raise MegadiffError("the losses must be finite and positive to fit a scaling law")
-    k = float(np.median(c / (n * d)))
+    laws = flops_laws(obs)
+    if convention not in laws:
+        convention = next(iter(laws))
     th, f = fit_parametric_raw(n, d, loss, delta)
     rng = np.random.default_rng(seed)
     boots = []
@@ -244,7 +342,8 @@ def fit_parametric(obs: Sequence[Observation], n_boot: int = 200, seed: int = 0,
             continue
         bt, _ = fit_parametric_raw(n[idx], d[idx], loss[idx], delta, top=2, extra_starts=[th])
         boots.append(bt)
-    return ParametricFit(_theta_to_params(th), k, f, len(obs), np.array(boots).reshape(-1, 5), ci_level)
+    return ParametricFit(_theta_to_params(th), laws, f, len(obs), np.array(boots).reshape(-1, 5), ci_level,
+                         convention)
 
 
 # ----------------------------------------------------------------------------- Approach 2
@@ -352,12 +451,12 @@ def fit_isoflop(obs: Sequence[Observation], n_boot: int = 200, seed: int = 0, ci
 # ----------------------------------------------------------------------------- MDM vs AR
 
 
-def frontier_loss(p: dict[str, float], k: float, c) -> np.ndarray:
+def frontier_loss(p: dict[str, float], k: float | FlopsLaw, c) -> np.ndarray:
     return optimal_allocation(p, c, k)["L_opt"]
 
 
-def compute_multiplier(p_mdm: dict[str, float], k_mdm: float, p_ar: dict[str, float], k_ar: float,
-                       c: float) -> float:
+def compute_multiplier(p_mdm: dict[str, float], k_mdm: float | FlopsLaw, p_ar: dict[str, float],
+                       k_ar: float | FlopsLaw, c: float) -> float:
     """C'/C with L*_mdm(C') = L*_ar(C): the compute the MDM needs to match the AR at C (inf: never)."""
     target = float(frontier_loss(p_ar, k_ar, c))
     if target <= p_mdm["E"] * (1 + 1e-12):
@@ -374,18 +473,21 @@ def compute_multiplier(p_mdm: dict[str, float], k_mdm: float, p_ar: dict[str, fl
     return math.exp(brentq(g, lo, hi, xtol=1e-10)) / c
 
 
-def compare(mdm: ParametricFit, ar: ParametricFit, budgets: Sequence[float], ci_level: float = 0.95) -> list[dict]:
-    """The MDM compute multiplier at each C, with a paired-bootstrap interval when available."""
+def compare(mdm: ParametricFit, ar: ParametricFit, budgets: Sequence[float], ci_level: float = 0.95,
+            convention: str | None = None) -> list[dict]:
+    """The MDM compute multiplier at each C (one FLOPs convention), with a paired-bootstrap interval."""
+    cv = convention or mdm.convention
+    km, ka = mdm.flops[cv], ar.flops[cv]
     out = []
     nb = min(len(mdm.boot), len(ar.boot))
     q = (1 - ci_level) / 2
     for c in budgets:
-        row = {"C": float(c), "L_ar": float(frontier_loss(ar.params, ar.k, c)),
-               "L_mdm": float(frontier_loss(mdm.params, mdm.k, c)),
-               "multiplier": compute_multiplier(mdm.params, mdm.k, ar.params, ar.k, c)}
+        row = {"C": float(c), "convention": cv, "L_ar": float(frontier_loss(ar.params, ka, c)),
+               "L_mdm": float(frontier_loss(mdm.params, km, c)),
+               "multiplier": compute_multiplier(mdm.params, km, ar.params, ka, c)}
         if nb >= 10:
             pm, pa = mdm.boot_params()[:nb], ar.boot_params()[:nb]
-            vals = np.array([compute_multiplier(m, mdm.k, a, ar.k, c) for m, a in zip(pm, pa)])
+            vals = np.array([compute_multiplier(m, km, a, ka, c) for m, a in zip(pm, pa)])
             row["multiplier_ci"] = [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
             row["multiplier_inf_fraction"] = float(np.mean(~np.isfinite(vals)))
         out.append(row)

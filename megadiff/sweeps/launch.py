@@ -1,4 +1,8 @@
-"""Launching a planned sweep: the MLflow parent run, done/resume bookkeeping, local and Slurm executors.
+"""Launching a planned sweep: done/resume bookkeeping, the local executor, the lookup of the others.
+
+Executors other than the built-in ``local`` are entry points of the group ``megadiff.sweep_executors``
+(``slurm = "launch.sweep_executor:launch_slurm"`` in pyproject.toml), called as
+``fn(plan, runs, parent_id, opts, dry_run=False)``. The MLflow side lives in megadiff/tracking/sweep_runs.py.
 
 Sweep directory (``out_dir`` of the sweep file)::
 
@@ -26,79 +30,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megadiff import MegadiffError
-from megadiff.sweeps.plan import TAG_ROLE, TAG_RUN, TAG_SWEEP, Plan, PlannedRun
+from megadiff.sweeps.plan import Plan, PlannedRun
+from megadiff.tracking import sweep_runs
 from megadiff.utils.io import atomic_write_json
 
 DONE_MARKER = "sweep_done.json"
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-def _client(uri: str):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def ensure_experiment(client, plan: Plan) -> str:
-    exp = client.get_experiment_by_name(plan.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    loc = (Path(plan.out_dir) / "mlartifacts").as_uri() if plan.tracking_uri.startswith("sqlite:") else None
-    return client.create_experiment(plan.experiment, artifact_location=loc)
-
-
-def find_parent(client, sweep_id: str, experiment_ids: list[str] | None = None):
-    if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    if not experiment_ids:
-        return None
-    runs = client.search_runs(experiment_ids, f"tags.{TAG_SWEEP} = '{sweep_id}' and tags.{TAG_ROLE} = 'parent'",
-                              max_results=10, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
-
-
-def ensure_parent(plan: Plan) -> str:
-    """Get or create the sweep's parent MLflow run; log the plan to it. Returns its run id."""
-    client = _client(plan.tracking_uri)
-    exp_id = ensure_experiment(client, plan)
-    parent = find_parent(client, plan.sweep_id, [exp_id])
-    if parent is None:
-        parent = client.create_run(exp_id, run_name=f"sweep-{plan.sweep_id}",
-                                   tags={TAG_SWEEP: plan.sweep_id, TAG_ROLE: "parent"})
-        budgets = sorted({r.budget for r in plan.runs})
-        for k, v in {"budgets": ",".join(f"{b:.4g}" for b in budgets),
-                     "objectives": ",".join(sorted({r.objective for r in plan.runs})),
-                     "sizes": ",".join(dict.fromkeys(r.size for r in plan.runs)),
-                     "base_config": plan.base_config, "vocab_size": plan.vocab_size, "seq_len": plan.seq_len,
-                     "n_runs": len(plan.feasible)}.items():
-            client.log_param(parent.info.run_id, k, str(v)[:6000])
-    run_id = parent.info.run_id
-    plan_file = Path(plan.out_dir) / "plan.json"
-    atomic_write_json(plan_file, plan.to_json())
-    client.log_artifact(run_id, str(plan_file))
-    return run_id
-
-
-def mlflow_runs(plan: Plan) -> dict[str, Any]:
-    """Latest MLflow run per sweep run name (FINISHED preferred)."""
-    client = _client(plan.tracking_uri)
-    exp = client.get_experiment_by_name(plan.experiment)
-    if exp is None:
-        return {}
-    runs = client.search_runs([exp.experiment_id], f"tags.{TAG_SWEEP} = '{plan.sweep_id}'", max_results=50000)
-    best: dict[str, Any] = {}
-    for r in runs:
-        name = r.data.tags.get(TAG_RUN)
-        if not name:
-            continue
-        key = (r.info.status == "FINISHED", r.info.start_time or 0)
-        old = best.get(name)
-        if old is None or key > (old.info.status == "FINISHED", old.info.start_time or 0):
-            best[name] = r
-    return best
 
 
 # ----------------------------------------------------------------------------- state
@@ -150,7 +86,7 @@ def check_relaunch(plan: Plan, force: bool = False) -> None:
 
 def pending_runs(plan: Plan) -> tuple[list[PlannedRun], list[PlannedRun]]:
     """(finished, to run) among the feasible runs; marks MLflow-FINISHED runs done on disk."""
-    finished = {n for n, r in mlflow_runs(plan).items() if r.info.status == "FINISHED"}
+    finished = sweep_runs.finished_runs(plan)
     done, todo = [], []
     for r in plan.feasible:
         if is_done(r, finished):
@@ -233,30 +169,30 @@ def launch_local(plan: Plan, runs: list[PlannedRun], parent_id: str, *, parallel
     return codes
 
 
-def launch_slurm(plan: Plan, runs: list[PlannedRun], parent_id: str, slurm_opts: dict[str, Any],
-                 dry_run: bool = False):
-    """Submit the runs as one job array through launch/slurm.py (`submit_array`)."""
-    try:
-        from launch import slurm as slurm_launch
-    except ImportError as e:
-        raise MegadiffError(f"the Slurm executor needs launch/slurm.py ({e})") from None
-    opts = dict(slurm_opts)
-    cluster = opts.pop("cluster", None)
-    if not cluster:
-        names = slurm_launch.profile_names()
+EXECUTOR_GROUP = "megadiff.sweep_executors"
+
+
+def executor_names() -> list[str]:
+    """Executors other than the built-in `local`: the entry points of the group ``megadiff.sweep_executors``."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=EXECUTOR_GROUP)})
+
+
+def external_executor(name: str) -> Callable[..., Any]:
+    """The executor ``name`` from the entry-point group, called as ``fn(plan, runs, parent_id, opts, dry_run=)``."""
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group=EXECUTOR_GROUP) if ep.name == name]
+    if not eps:
+        have = ", ".join(["local"] + executor_names())
         raise MegadiffError(
-            "set launch.slurm.cluster in the sweep file (or --cluster): a profile from slurm/clusters/ "
-            f"({', '.join(names) or 'none found'}) or a profile YAML path"
+            f"sweep executor {name!r} is not installed: no entry point {name!r} in the group {EXECUTOR_GROUP} "
+            f"(installed: {have}). The Slurm executor ships with the repository's launch/ package: reinstall "
+            "megadiff from the repository (pip install -e .), or use --executor local"
         )
-    allowed = {"nodes", "gpus_per_node", "tasks_per_node", "time", "max_parallel", "requeue", "dependency",
-               "sbatch_extra"}
-    bad = sorted(set(opts) - allowed)
-    if bad:
-        raise MegadiffError(f"launch.slurm: unknown keys {bad}; allowed: cluster, {', '.join(sorted(allowed))}")
-    specs = [slurm_launch.RunSpec(plan.base_config, r.train_overrides(parent_id)) for r in runs]
-    return slurm_launch.submit_array(specs, cluster, sweep_dir=plan.out_dir, dry_run=dry_run, **opts)
+    try:
+        return eps[0].load()
+    except ImportError as e:
+        raise MegadiffError(f"sweep executor {name!r} ({eps[0].value}) failed to import: {e}") from None
 
-
-def finish_parent(plan: Plan, parent_id: str) -> None:
-    """Mark the parent run FINISHED once every feasible run is done (a relaunch may reopen nothing)."""
-    _client(plan.tracking_uri).set_terminated(parent_id, "FINISHED")

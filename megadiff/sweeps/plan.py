@@ -1,7 +1,8 @@
 """IsoFLOP planning: (budgets x sizes x objectives) -> runs, each a base recipe + dotlist overrides.
 
-For budget C and model shape: D = C / flops_per_token(shape, vocab, seq_len, causal=objective=='ar')
-(megadiff/model/flops.py, the formula the trainer reports), steps = round(D / (global_batch x
+For budget C and model shape: D = C / flops_per_token(shape, vocab, seq_len, causal=...)
+(megadiff/model/flops.py, the formula the trainer reports; a causal kernel for objectives whose
+traits say needs_causal_mask), steps = round(D / (global_batch x
 seq_len)); the run then trains on exactly steps x global_batch x seq_len tokens, and its actual
 compute (reported, and used by the fits) is flops_per_token x that. No torch import.
 """
@@ -17,12 +18,10 @@ from omegaconf import OmegaConf
 
 from megadiff import MegadiffError
 from megadiff.config import load_config, train_data_dir
+from megadiff.diffusion.catalog import OBJECTIVES
 from megadiff.model.flops import count_params, flops_per_token
 from megadiff.model.presets import PRESETS, padded_vocab_size, resolve_shape
-
-TAG_SWEEP = "sweep_id"
-TAG_RUN = "sweep_run"
-TAG_ROLE = "sweep_role"
+from megadiff.tracking.sweep_runs import TAG_RUN, TAG_SWEEP  # the tags the MLflow side searches by
 
 
 @dataclass
@@ -36,7 +35,12 @@ class PlannedRun:
     hidden_size: int = 0
     n_params: int = 0  # total parameters (embeddings included)
     n_non_embedding: int = 0
-    flops_per_token: float = 0.0
+    flops_per_token: float = 0.0  # in the sweep's convention (what turns C into D)
+    flops_per_token_kernel: float = 0.0  # model/flops.py (attention counted; causal at half)
+    flops_per_token_6nd: float = 0.0  # 6 x N_non-embedding (SMDM)
+    flops_convention: str = "kernel"
+    unique_tokens: int = 0  # data-constrained: the U-token prefix the run repeats (0: no limit)
+    flag: str = ""  # a warning that does not refuse the run (e.g. tokens per parameter outside the window)
     seq_len: int = 0
     global_batch: int = 0
     micro_batch: int = 0
@@ -54,6 +58,10 @@ class PlannedRun:
     overrides: list[str] = field(default_factory=list)  # everything but tracking.parent_run_id
     ok: bool = True
     reason: str = ""
+
+    @property
+    def epochs(self) -> float:
+        return self.tokens / self.unique_tokens if self.unique_tokens else 1.0
 
     @property
     def tokens_per_param(self) -> float:
@@ -90,11 +98,13 @@ class Plan:
         d = asdict(self)
         for r, rd in zip(self.runs, d["runs"]):
             rd["tokens_per_param"] = r.tokens_per_param
+            rd["epochs"] = r.epochs
         return d
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Plan:
-        runs = [PlannedRun(**{k: v for k, v in r.items() if k != "tokens_per_param"}) for r in d["runs"]]
+        runs = [PlannedRun(**{k: v for k, v in r.items() if k not in ("tokens_per_param", "epochs")})
+                for r in d["runs"]]
         return Plan(**{**d, "runs": runs})
 
     def run(self, name: str) -> PlannedRun:
@@ -157,63 +167,119 @@ def _data_info(spec: Any, cfg: Any) -> tuple[int, int]:
     return int(vocab), int(spec.seq_len)
 
 
-def _batch(spec: Any, budget: float, micro: int) -> int:
+def _batch(spec: Any, budget: float | None, micro: int) -> int:
     h = spec.hparams
-    ref = float(h.batch_ref_budget or min(float(c) for c in spec.budgets))
-    gb = h.global_batch * (budget / ref) ** h.batch_exponent
+    gb = float(h.global_batch)
+    if budget is not None:
+        ref = float(h.batch_ref_budget or min(float(c) for c in spec.budgets))
+        gb *= (budget / ref) ** h.batch_exponent
     unit = int(h.batch_multiple or micro)
     if unit % micro:
         raise MegadiffError(f"hparams.batch_multiple={unit} must be a multiple of the micro batch {micro}")
     return max(unit, int(round(gb / unit)) * unit)
 
 
+@dataclass
+class Size:
+    """One model size of the ladder, as the trainer builds it, with both FLOPs-per-token conventions."""
+
+    name: str
+    overrides: list[str]
+    num_layers: int
+    hidden_size: int
+    n_params: int
+    n_non_embedding: int
+    fpt_kernel: float
+    fpt_6nd: float
+
+    def fpt(self, convention: str) -> float:
+        return self.fpt_kernel if convention == "kernel" else self.fpt_6nd
+
+
+def _size_table(spec: Any, objective: str, vocab: int, seq_len: int) -> list[Size]:
+    out = []
+    for size, model_ovr in _sizes(spec):
+        cfg = load_config(spec.base_config, list(spec.overrides) + model_ovr + [f"diffusion.objective={objective}"])
+        shape = resolve_shape(cfg.model)
+        vpad = padded_vocab_size(vocab, int(cfg.parallel.tp))  # what the trainer builds and counts
+        pc = count_params(shape, vpad)
+        n_ne = pc.non_embedding(shape.num_layers)
+        out.append(Size(size, model_ovr, shape.num_layers, shape.hidden_size, pc.total(shape.num_layers), n_ne,
+                        flops_per_token(shape, vpad, seq_len, causal=OBJECTIVES.traits(objective).needs_causal_mask),
+                        6.0 * n_ne))
+    return out
+
+
+def _cells(spec: Any) -> list[tuple[float | None, float | None, float | None]]:
+    """(budget, unique tokens, epochs) per grid cell: IsoFLOP budgets, or the data-constrained U x epochs."""
+    if spec.data.unique_tokens:
+        return [(None, float(u), float(e)) for u in sorted(spec.data.unique_tokens) for e in sorted(spec.data.epochs)]
+    return [(float(c), None, None) for c in sorted(float(c) for c in spec.budgets)]
+
+
+def _run_name(objective: str, budget: float | None, u: float | None, epochs: float | None, size: str) -> str:
+    if budget is not None:
+        return f"{objective}-c{budget_label(budget)}-{size}"
+    return f"{objective}-u{budget_label(u)}-e{budget_label(epochs)}-{size}"
+
+
 def plan_sweep(spec: Any) -> Plan:
     """Expand a loaded sweep spec into planned runs (feasible or refused with the reason)."""
+    from megadiff.sweeps.grid import centred_sizes, flag_tokens_per_param
     from megadiff.sweeps.spec import tracking_uri
 
     base = load_config(spec.base_config, list(spec.overrides))
     vocab, seq_len = _data_info(spec, base)
     micro = int(spec.hparams.micro_batch or base.trainer.micro_batch)
     uri = tracking_uri(spec)
-    h = spec.hparams
     runs: list[PlannedRun] = []
     for objective in spec.objectives:
-        for budget in sorted(float(c) for c in spec.budgets):
-            for size, model_ovr in _sizes(spec):
-                pre = list(spec.overrides) + model_ovr + [f"diffusion.objective={objective}"]
-                cfg = load_config(spec.base_config, pre)
-                shape = resolve_shape(cfg.model)
-                vpad = padded_vocab_size(vocab, int(cfg.parallel.tp))  # what the trainer builds and counts
-                pc = count_params(shape, vpad)
-                fpt = flops_per_token(shape, vpad, seq_len, causal=(objective == "ar"))
-                gb = _batch(spec, budget, micro)
-                tps = gb * seq_len
-                d_target = budget / fpt
-                steps = int(round(d_target / tps))
-                r = PlannedRun(
-                    name=f"{objective}-c{budget_label(budget)}-{size}", objective=objective, budget=budget,
-                    size=size, model_overrides=model_ovr, num_layers=shape.num_layers,
-                    hidden_size=shape.hidden_size, n_params=pc.total(shape.num_layers),
-                    n_non_embedding=pc.non_embedding(shape.num_layers), flops_per_token=fpt, seq_len=seq_len,
-                    global_batch=gb, micro_batch=micro, steps=steps, tokens=steps * tps, compute=fpt * steps * tps,
-                    schedule=h.schedule, decay_fraction=h.decay_fraction,
-                    run_dir=str(Path(spec.out_dir) / f"{objective}-c{budget_label(budget)}-{size}"),
-                )
-                if d_target < tps:
-                    r.ok = False
-                    r.reason = (f"D = C / FLOPs-per-token = {d_target:.3g} tokens is less than one batch "
-                                f"({gb} x {seq_len} = {tps} tokens)")
-                elif steps < h.min_steps:
-                    need = h.min_steps * tps * fpt
-                    r.ok = False
-                    r.reason = (f"{steps} steps < hparams.min_steps={h.min_steps} (this size needs "
-                                f"C >= {need:.3g} FLOPs at global_batch={gb})")
-                _hparams(spec, r)
+        table = _size_table(spec, objective, vocab, seq_len)
+        for budget, u, epochs in _cells(spec):
+            sizes = table if budget is None else centred_sizes(spec, objective, budget, table)
+            for sz in sizes:
+                r = _plan_run(spec, objective, budget, u, epochs, sz, micro, seq_len)
+                if budget is not None:
+                    flag_tokens_per_param(spec, r)
                 runs.append(r)
     plan = Plan(spec.name, spec.base_config, spec.out_dir, uri, spec.experiment, vocab, seq_len, runs)
     for r in runs:
         r.overrides = _overrides(spec, plan, r)
     return plan
+
+
+def _plan_run(spec: Any, objective: str, budget: float | None, u: float | None, epochs: float | None, sz: Size,
+              micro: int, seq_len: int) -> PlannedRun:
+    h = spec.hparams
+    fpt = sz.fpt(spec.flops)
+    gb = _batch(spec, budget, micro)
+    tps = gb * seq_len
+    d_target = budget / fpt if budget is not None else u * epochs
+    steps = int(round(d_target / tps))
+    name = _run_name(objective, budget, u, epochs, sz.name)
+    r = PlannedRun(
+        name=name, objective=objective, budget=budget if budget is not None else fpt * d_target, size=sz.name,
+        model_overrides=sz.overrides, num_layers=sz.num_layers, hidden_size=sz.hidden_size, n_params=sz.n_params,
+        n_non_embedding=sz.n_non_embedding, flops_per_token=fpt, flops_per_token_kernel=sz.fpt_kernel,
+        flops_per_token_6nd=sz.fpt_6nd, flops_convention=spec.flops, seq_len=seq_len, global_batch=gb,
+        micro_batch=micro, steps=steps, tokens=steps * tps, compute=fpt * steps * tps, schedule=h.schedule,
+        decay_fraction=h.decay_fraction, run_dir=str(Path(spec.out_dir) / name),
+        unique_tokens=int(round(u)) if u is not None else 0,
+    )
+    what = "C / FLOPs-per-token" if budget is not None else "U x epochs"
+    if d_target < tps:
+        r.ok = False
+        r.reason = f"D = {what} = {d_target:.3g} tokens is less than one batch ({gb} x {seq_len} = {tps} tokens)"
+    elif steps < h.min_steps:
+        r.ok = False
+        r.reason = (f"{steps} steps < hparams.min_steps={h.min_steps} (this size needs "
+                    + (f"C >= {h.min_steps * tps * fpt:.3g} FLOPs" if budget is not None
+                       else f"U x epochs >= {h.min_steps * tps:.3g} tokens") + f" at global_batch={gb})")
+    elif u is not None and u < seq_len:
+        r.ok = False
+        r.reason = f"data.unique_tokens={u:.3g} is less than one sequence ({seq_len} tokens)"
+    _hparams(spec, r)
+    return r
 
 
 def _hparams(spec: Any, r: PlannedRun) -> None:
@@ -251,10 +317,11 @@ def _overrides(spec: Any, plan: Plan, r: PlannedRun) -> list[str]:
         f"tracking.uri={plan.tracking_uri}",
         f"tracking.experiment={plan.experiment}",
         f"tracking.run_name={r.name}",
-    ]
+    ] + ([f"data.unique_tokens={r.unique_tokens}"] if r.unique_tokens else [])
     tags = {TAG_SWEEP: plan.sweep_id, TAG_RUN: r.name, "objective": r.objective, "size": r.size,
             "N": r.n_params, "N_non_embedding": r.n_non_embedding, "D": r.tokens, "C": f"{r.compute:.6g}",
-            "budget": f"{r.budget:.6g}"}
+            "budget": f"{r.budget:.6g}", "flops": r.flops_convention,
+            **({"U": r.unique_tokens, "epochs": f"{r.epochs:.6g}"} if r.unique_tokens else {})}
     ovr += [f"tracking.tags.{k}={_q(v)}" for k, v in tags.items()]
     return ovr
 
@@ -268,25 +335,35 @@ def check_overrides(plan: Plan) -> None:
 
 
 def format_table(plan: Plan) -> str:
-    hdr = ["run", "N", "D", "D/N", "C (actual)", "steps", "batch", "lr", "warmup", "status"]
+    dc = any(r.unique_tokens for r in plan.runs)
+    conv = plan.runs[0].flops_convention if plan.runs else "kernel"
+    hdr = ["run", "N", "D", "D/N"] + (["U", "epochs"] if dc else []) + [
+        f"C ({conv})", "C (6nd)" if conv == "kernel" else "C (kernel)", "steps", "batch", "lr", "warmup", "status"]
     rows = []
     for r in plan.runs:
         dev = (r.compute / r.budget - 1) * 100 if r.ok else 0.0
-        rows.append([
-            r.name, f"{r.n_params / 1e6:.2f}M", f"{r.tokens:.3g}", f"{r.tokens_per_param:.1f}",
-            f"{r.compute:.3g} ({dev:+.1f}%)" if r.ok else "-", str(r.steps), str(r.global_batch),
-            f"{r.lr:.2e}", str(r.warmup_steps), "ok" if r.ok else "REFUSED",
+        other = r.tokens * (r.flops_per_token_6nd if conv == "kernel" else r.flops_per_token_kernel)
+        rows.append([r.name, f"{r.n_params / 1e6:.2f}M", f"{r.tokens:.3g}", f"{r.tokens_per_param:.1f}"]
+                    + ([f"{r.unique_tokens:.3g}", f"{r.epochs:.3g}"] if dc else []) + [
+            (f"{r.compute:.3g}" + ("" if dc else f" ({dev:+.1f}%)")) if r.ok else "-",
+            f"{other:.3g}" if r.ok else "-", str(r.steps), str(r.global_batch),
+            f"{r.lr:.2e}", str(r.warmup_steps), ("ok" + (" (!)" if r.flag else "")) if r.ok else "REFUSED",
         ])
     widths = [max(len(hdr[i]), *(len(row[i]) for row in rows)) for i in range(len(hdr))]
     fmt = "  ".join("{:<" + str(w) + "}" for w in widths)
     lines = [
         f"sweep {plan.sweep_id}: {len(plan.feasible)} runs planned, {len(plan.refused)} refused "
-        f"(vocab {plan.vocab_size}, seq_len {plan.seq_len}; base {plan.base_config})",
+        f"(vocab {plan.vocab_size}, seq_len {plan.seq_len}; base {plan.base_config}; FLOPs convention {conv})",
         fmt.format(*hdr), fmt.format(*["-" * w for w in widths]),
     ]
     lines += [fmt.format(*row) for row in rows]
     for r in plan.refused:
         lines.append(f"refused {r.name}: {r.reason}")
+    for r in plan.feasible:
+        if r.flag:
+            lines.append(f"(!) {r.name}: {r.flag}")
+    if dc:
+        return "\n".join(lines)
     budgets = sorted({r.budget for r in plan.runs})
     for obj in sorted({r.objective for r in plan.runs}):
         for b in budgets:

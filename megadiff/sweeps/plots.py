@@ -9,8 +9,14 @@ import numpy as np
 
 from megadiff.sweeps import fit as F
 
-MARKERS = {"mdlm": "o", "llada": "s", "ar": "^"}
-COLORS = {"mdlm": "tab:blue", "llada": "tab:green", "ar": "tab:red"}
+_MARKERS = ("o", "^", "s", "D", "v", "P")
+_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+
+
+def _style(obs, obj: str) -> tuple[str, str]:
+    """(colour, marker) of an objective: by its position among the sweep's objectives (no name tests)."""
+    i = sorted({o.objective for o in obs}).index(obj) if obj in {o.objective for o in obs} else 0
+    return _COLORS[i % len(_COLORS)], _MARKERS[i % len(_MARKERS)]
 
 
 def _plt():
@@ -20,6 +26,11 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a panel with nothing fitted has nothing to label
+        ax.legend(fontsize=8)
 
 
 def _tidy_log_x(ax) -> None:
@@ -75,14 +86,14 @@ def plot_isoflop(obs, fits, path: Path, title: str) -> Path:
                 ax.plot(grid, c0 + c1 * x + c2 * x * x, color=col, lw=1.5)
                 ax.scatter([pr.n_opt], [pr.l_opt], marker="*", s=180, color=col, edgecolor="k", zorder=4)
             if p3 is not None:
-                ax.plot(grid, F.predict_loss(p3.params, grid, b / (p3.k * grid)), color=col, lw=1, ls="--")
+                ax.plot(grid, F.predict_loss(p3.params, grid, b / p3.law(grid)), color=col, lw=1, ls="--")
         ax.set_xscale("log")
         _tidy_log_x(ax)
         ax.set_xlabel("parameters N")
         ax.set_ylabel("validation NELBO (nats/token)")
         ax.set_title(f"{obj}: IsoFLOP profiles\n(solid: parabola in log N, *: minimum; dashed: Approach 3)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
     return _save(plt, fig, title, fits, path)
 
 
@@ -91,14 +102,15 @@ def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     cgrid = _c_range(obs, extra_c)
     for obj in sorted({o.objective for o in obs}):
-        col, mk = COLORS.get(obj, "k"), MARKERS.get(obj, "o")
+        col, mk = _style(obs, obj)
         rows = [o for o in obs if o.objective == obj]
-        ax1.scatter([o.c for o in rows], [o.loss for o in rows], color=col, marker=mk, alpha=0.5, s=25,
-                    label=f"{obj} runs")
         p3 = fits.get(obj, {}).get("approach3")
+        cv = p3.convention if p3 is not None else "kernel"
+        ax1.scatter([o.compute(cv) for o in rows], [o.loss for o in rows], color=col, marker=mk, alpha=0.5, s=25,
+                    label=f"{obj} runs")
         iso = fits.get(obj, {}).get("approach2")
         if p3 is not None:
-            opt = F.optimal_allocation(p3.params, cgrid, p3.k)
+            opt = F.optimal_allocation(p3.params, cgrid, p3.law)
             ax1.plot(cgrid, opt["L_opt"], color=col, lw=2, label=f"{obj} Approach 3 frontier")
             ex = p3.exponents
             ax2.plot(cgrid, opt["N_opt"], color=col, lw=2, label=f"{obj} N_opt ∝ C^{ex['a']:.2f}")
@@ -120,7 +132,7 @@ def plot_frontier(obs, fits, path: Path, title: str, extra_c: Sequence[float] = 
     ax2.set_title("compute-optimal allocation\n(lines: Approach 3; * N, ◆ D: IsoFLOP minima)")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
         _tidy_log_x(ax)
     return _save(plt, fig, title, fits, path)
 
@@ -131,21 +143,23 @@ def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str
     key = next((k for k, v in comparison.items() if v.get("approach3")), None)
     if key is None:
         return None
-    mdm = key.split("_vs_")[0]
-    pm, pa = fits[mdm]["approach3"], fits["ar"]["approach3"]
+    mdm, arn = key.split("_vs_")
+    pm, pa = fits[mdm]["approach3"], fits[arn]["approach3"]
     cgrid = _c_range(obs, extra_c)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for obj, p in ((mdm, pm), ("ar", pa)):
-        ax1.plot(cgrid, F.frontier_loss(p.params, p.k, cgrid), color=COLORS.get(obj, "k"), lw=2,
+    for obj, p in ((mdm, pm), (arn, pa)):
+        col, mk = _style(obs, obj)
+        ax1.plot(cgrid, F.frontier_loss(p.params, p.law, cgrid), color=col, lw=2,
                  label=f"{obj} frontier (E={p.params['E']:.3g})")
         rows = [o for o in obs if o.objective == obj]
-        ax1.scatter([o.c for o in rows], [o.loss for o in rows], color=COLORS.get(obj, "k"),
-                    marker=MARKERS.get(obj, "o"), alpha=0.5, s=25)
+        ax1.scatter([o.compute(p.convention) for o in rows], [o.loss for o in rows], color=col, marker=mk,
+                    alpha=0.5, s=25)
     ax1.set_xscale("log")
     ax1.set_xlabel("training compute C (FLOPs)")
     ax1.set_ylabel("validation NELBO / NLL (nats/token)")
-    ax1.set_title(f"{mdm} vs ar: compute-optimal loss")
-    mult = np.array([F.compute_multiplier(pm.params, pm.k, pa.params, pa.k, c) for c in cgrid])
+    ax1.set_title(f"{mdm} vs {arn}: compute-optimal loss ({pm.convention} FLOPs)")
+    mult = np.array([F.compute_multiplier(pm.params, pm.law, pa.params, pa.law, c) for c in cgrid[::5]])
+    cgrid = cgrid[::5]
     ok = np.isfinite(mult) & (mult > 0)
     ax2.plot(cgrid[ok], mult[ok], color="k", lw=2, label="point estimate")
     rows = comparison[key]["approach3"]
@@ -165,17 +179,88 @@ def plot_mdm_vs_ar(obs, fits, comparison: dict[str, Any], path: Path, title: str
     ax2.axhline(1.0, color="gray", lw=1, ls=":")
     ax2.set_xlabel("AR compute C (FLOPs)")
     ax2.set_ylabel(f"compute multiplier ({mdm} C' / C)")
-    ax2.set_title(f"compute {mdm} needs to match ar's loss at C")
+    ax2.set_title(f"compute {mdm} needs to match {arn}'s loss at C")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax)
         _tidy_log_x(ax)
-    return _save(plt, fig, title, {k: v for k, v in fits.items() if k in (mdm, "ar")}, path)
+    return _save(plt, fig, title, {k: v for k, v in fits.items() if k in (mdm, arn)}, path)
 
 
-def make_all(obs, fits, comparison, out_dir: Path, title: str, extra_c: Sequence[float] = ()) -> list[Path]:
+def plot_residuals(obs, fits, excluded, path: Path, title: str) -> Path | None:
+    """Approach 3 log-residuals per run (excluded runs as crosses, against the same fit)."""
+    objectives = [o for o in sorted({o.objective for o in obs}) if fits.get(o, {}).get("approach3") is not None]
+    if not objectives:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for obj in objectives:
+        p3 = fits[obj]["approach3"]
+        col, mk = _style(obs, obj)
+        for rows, marker, lab in (([o for o in obs if o.objective == obj], mk, f"{obj} fitted"),
+                                  ([o for o in excluded if o.objective == obj], "x", f"{obj} excluded")):
+            if not rows:
+                continue
+            pred = F.predict_loss(p3.params, [o.n for o in rows], [o.d for o in rows])
+            res = np.log([o.loss for o in rows]) - np.log(pred)
+            axes[0].scatter([o.n for o in rows], res, color=col, marker=marker, s=30, label=lab)
+            axes[1].scatter([o.d for o in rows], res, color=col, marker=marker, s=30, label=lab)
+    for ax, xl in zip(axes, ("parameters N", "training tokens D")):
+        ax.axhline(0.0, color="gray", lw=1, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("log(loss / Approach 3 prediction)")
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax)
+        _tidy_log_x(ax)
+    axes[0].set_title("residuals vs N")
+    axes[1].set_title("residuals vs D")
+    return _save(plt, fig, title, fits, path)
+
+
+def plot_loss_vs_epochs(obs, dfits, path: Path, title: str) -> Path | None:
+    """Data-constrained runs: loss vs epochs per objective, one line per (U, N), with the fitted law."""
+    objectives = sorted({o.objective for o in obs if o.epochs > 1.01})
+    if not objectives:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(objectives), figsize=(6.5 * len(objectives), 4.8), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, obj in zip(axes[0], objectives):
+        rows = [o for o in obs if o.objective == obj]
+        groups = sorted({(o.unique_tokens, o.n) for o in rows})
+        f = dfits.get(obj)
+        for i, (u, n) in enumerate(groups):
+            col = cmap(i / max(1, len(groups) - 1) * 0.9)
+            g = sorted((o for o in rows if (o.unique_tokens, o.n) == (u, n)), key=lambda o: o.epochs)
+            ax.scatter([o.epochs for o in g], [o.loss for o in g], color=col, zorder=3,
+                       label=f"U={u:.2g}, N={n:.2g}")
+            if f is not None:
+                ep = np.geomspace(min(o.epochs for o in g), max(o.epochs for o in g) * 2, 60)
+                ax.plot(ep, f.predict(np.full_like(ep, n), u * ep, np.full_like(ep, u)), color=col, lw=1.2)
+        ax.set_xscale("log")
+        _tidy_log_x(ax)
+        ax.set_xlabel("epochs over the U unique tokens")
+        ax.set_ylabel("validation loss (nats/token)")
+        extra = f"; fit R_D*={f.rd_star:.3g}, R_N*={f.rn_star:.3g}" if f is not None else ""
+        ax.set_title(f"{obj}: loss vs epochs{extra}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_all(obs, fits, comparison, out_dir: Path, title: str, extra_c: Sequence[float] = (),
+             excluded: Sequence = (), dfits: dict | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = [plot_isoflop(obs, fits, out_dir / "isoflop.png", title),
            plot_frontier(obs, fits, out_dir / "frontier.png", title, extra_c)]
-    p = plot_mdm_vs_ar(obs, fits, comparison, out_dir / "mdm_vs_ar.png", title, extra_c)
-    return out + ([p] if p else [])
+    for p in (plot_mdm_vs_ar(obs, fits, comparison, out_dir / "mdm_vs_ar.png", title, extra_c),
+              plot_residuals(obs, fits, excluded, out_dir / "residuals.png", title),
+              plot_loss_vs_epochs(list(obs) + list(excluded), dfits or {}, out_dir / "loss_vs_epochs.png", title)):
+        if p is not None:
+            out.append(p)
+    return out

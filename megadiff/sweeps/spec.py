@@ -67,6 +67,31 @@ class HParamsSpec:
 
 
 @dataclass
+class DataSpec:
+    """Data-constrained sweeps (Muennighoff et al. 2023): runs over unique-token budgets U x epochs.
+
+    Each run trains on a deterministic U-token prefix of the shuffled training split, repeated for
+    ``epochs`` passes (D = U x epochs); the run gets ``data.unique_tokens=U`` (the loader's limit).
+    With both lists set, the grid is sizes x U x epochs and ``budgets`` is not used.
+    """
+
+    unique_tokens: List[float] = field(default_factory=list)
+    epochs: List[float] = field(default_factory=list)
+
+
+@dataclass
+class GridSpec:
+    """Budget-centred grids: per budget, the ladder sizes within [N_opt / span, N_opt x span] of a prior law."""
+
+    center: str = "none"  # none (every size at every budget) | chinchilla | fit (prior_fit) | params (prior_params)
+    prior_fit: Optional[str] = None  # a fit.json of an earlier sweep (its Approach 3 law per objective)
+    prior_params: dict = field(default_factory=dict)  # {E, A, B, alpha, beta} with C = 6 N D
+    span: float = 3.0  # sizes from N_opt / span to N_opt x span
+    min_sizes: int = 3  # if fewer ladder sizes fall in the span, the nearest ones (an IsoFLOP parabola needs 3)
+    tokens_per_param: List[float] = field(default_factory=lambda: [2.0, 200.0])  # flag runs outside [lo, hi]
+
+
+@dataclass
 class FitSpec:
     metric: str = "val/nelbo"  # MLflow metric read for every run
     tail: int = 1  # average the last `tail` logged values (1: the final evaluation)
@@ -91,18 +116,18 @@ class SweepSpec:
     out_dir: Optional[str] = None  # None: runs/sweeps/<name>; each run writes <out_dir>/<run name>
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
     experiment: Optional[str] = None  # None: sweep-<name>
-    objectives: List[str] = field(default_factory=lambda: ["mdlm"])  # mdlm | llada | ar
-    budgets: List[float] = field(default_factory=list)  # training FLOPs per run (flops.py convention)
+    objectives: List[str] = field(default_factory=lambda: ["mdlm"])  # names from megadiff/diffusion/catalog.py
+    budgets: List[float] = field(default_factory=list)  # training FLOPs per run (in the `flops` convention)
+    flops: str = "kernel"  # kernel (model/flops.py: attention counted, causal at half) | 6nd (6 N_non-emb D)
     vocab_size: Optional[int] = None  # only before the dataset exists (then its manifest is used and checked)
     seq_len: Optional[int] = None  # likewise: the data's seq_len
     models: ModelsSpec = field(default_factory=ModelsSpec)
     hparams: HParamsSpec = field(default_factory=HParamsSpec)
     overrides: List[str] = field(default_factory=list)  # dotlist applied to every run, before the sweep's own
+    data: DataSpec = field(default_factory=DataSpec)
+    grid: GridSpec = field(default_factory=GridSpec)
     fit: FitSpec = field(default_factory=FitSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
-
-
-OBJECTIVES = ("mdlm", "llada", "ar")
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> Any:
@@ -135,15 +160,43 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> A
 def check_sweep(spec: Any, where: str) -> None:
     if not spec.name or any(ch in spec.name for ch in "/ '\""):
         raise MegadiffError(f"{where}: name {spec.name!r} must be non-empty without '/', spaces or quotes")
+    dc = spec.data
+    if bool(dc.unique_tokens) != bool(dc.epochs):
+        raise MegadiffError(f"{where}: data.unique_tokens and data.epochs go together (a data-constrained grid is "
+                            "U x epochs); set both or neither")
+    if dc.unique_tokens and (any(float(u) <= 0 for u in dc.unique_tokens) or any(float(e) <= 0 for e in dc.epochs)):
+        raise MegadiffError(f"{where}: data.unique_tokens and data.epochs must be positive")
+    if spec.flops not in ("kernel", "6nd"):
+        raise MegadiffError(f"{where}: flops is {spec.flops!r}; allowed: kernel, 6nd")
+    g = spec.grid
+    if g.center not in ("none", "chinchilla", "fit", "params"):
+        raise MegadiffError(f"{where}: grid.center is {g.center!r}; allowed: none, chinchilla, fit, params")
+    if g.center == "fit" and not g.prior_fit:
+        raise MegadiffError(f"{where}: grid.center: fit needs grid.prior_fit (a fit.json of an earlier sweep)")
+    if g.center == "params" and set(g.prior_params) != {"E", "A", "B", "alpha", "beta"}:
+        raise MegadiffError(f"{where}: grid.center: params needs grid.prior_params with E, A, B, alpha, beta")
+    if g.span <= 1 or len(g.tokens_per_param) != 2:
+        raise MegadiffError(f"{where}: grid.span must be > 1 and grid.tokens_per_param a [low, high] pair")
+    if dc.unique_tokens:
+        if spec.budgets or g.center != "none":
+            raise MegadiffError(f"{where}: a data-constrained sweep (data.unique_tokens x data.epochs) sets D itself; "
+                                "remove budgets and grid.center (run an IsoFLOP sweep separately)")
+        return _check_rest(spec, where)
     if not spec.budgets:
         raise MegadiffError(f"{where}: budgets is empty; list training FLOPs per run, e.g. [1e17, 3e17, 1e18]")
     if any(float(c) <= 0 for c in spec.budgets):
         raise MegadiffError(f"{where}: budgets must be positive FLOPs, got {list(spec.budgets)}")
     if len(set(float(c) for c in spec.budgets)) != len(spec.budgets):
         raise MegadiffError(f"{where}: budgets has duplicates: {list(spec.budgets)}")
+    _check_rest(spec, where)
+
+
+def _check_rest(spec: Any, where: str) -> None:
+    from megadiff.diffusion.catalog import OBJECTIVES
+
     bad = [o for o in spec.objectives if o not in OBJECTIVES]
     if bad or not spec.objectives:
-        raise MegadiffError(f"{where}: objectives {list(spec.objectives)}; allowed: {', '.join(OBJECTIVES)}")
+        raise MegadiffError(f"{where}: objectives {list(spec.objectives)}; allowed: {', '.join(OBJECTIVES.names())}")
     if not (spec.models.presets or spec.models.custom or spec.models.ladder.depths):
         raise MegadiffError(f"{where}: no model sizes; set models.presets, models.custom or models.ladder.depths")
     h = spec.hparams

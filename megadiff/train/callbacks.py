@@ -21,8 +21,6 @@ import torch.distributed as dist
 
 from megadiff import MegadiffError
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, please requeue (Slurm launcher requeues)
-
 
 class Callback:
     def on_fit_start(self, trainer) -> None: ...
@@ -162,7 +160,7 @@ class Preemption(Callback):
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
-        """Stop after this step: save, exit with REQUEUE_EXIT_CODE (the first reason is kept)."""
+        """Stop after this step: save, exit with EXIT_REQUEUE (the first reason is kept)."""
         if not self.requested:
             self.requested, self.reason = True, reason
 

@@ -47,6 +47,8 @@ def spawn_workers(args) -> int:
     import signal
     import time
 
+    from megadiff import EXIT_REQUEUE
+
     world = args.nproc_per_node * args.nnodes
     if args.master_port is None:
         from megadiff.dist.parallel import _free_port
@@ -73,7 +75,7 @@ def spawn_workers(args) -> int:
         for i, p in enumerate(procs):
             if i not in codes and p.poll() is not None:
                 codes[i] = p.returncode
-                if p.returncode not in (0, 75):
+                if p.returncode not in (0, EXIT_REQUEUE):
                     for q in procs:
                         if q.poll() is None:
                             q.terminate()
@@ -84,10 +86,10 @@ def spawn_workers(args) -> int:
                         except subprocess.TimeoutExpired:
                             q.kill()
         time.sleep(0.2)
-    crashes = [c for c in codes.values() if c not in (0, 75)]
+    crashes = [c for c in codes.values() if c not in (0, EXIT_REQUEUE)]
     if crashes:
         return crashes[0]
-    return 75 if 75 in codes.values() else 0
+    return EXIT_REQUEUE if EXIT_REQUEUE in codes.values() else 0
 
 
 def build_callbacks(cfg) -> list:

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from megadiff.diffusion.noise import make_noise, random_length
-from megadiff.model.build import position_ids_for
 from megadiff.model.loss_head import hidden_states_out, linear_cross_entropy
+from megadiff.model.masks import step_attention
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class StepContext:
     global_batch: int
     noise_seed: int = 0
     t_min: float | None = None  # lower end of t ~ U(t_min, 1); None: diffusion.eps (the training cut)
+    document_mask: bool = False  # data.document_mask: attention inside each packed document
+    reset_position_ids: bool = False  # model.reset_position_ids
     loss_path: str = "fused"  # fused | logits (see the module docstring)
 
 
@@ -49,11 +51,13 @@ def make_forward_step(sc: StepContext, step: int):
         noise = make_noise(sc.noise_seed, step, mb["sample_ids"], x0.shape[1], eps=eps,
                            antithetic=dc.antithetic, global_batch=sc.global_batch, device=x0.device)
         model_input, aux = sc.objective.prepare(x0, noise)
-        if sc.loss_path == "fused":
+        pos, mask = step_attention(sc.objective, x0, model_input, mb.get("segment_ids"), sc.document_mask,
+                                   sc.reset_position_ids)
+        if sc.loss_path == "fused" and sc.objective.has_loss_rows:
             with hidden_states_out(model) as head:
-                output = model(model_input, position_ids_for(model_input), None)
+                output = model(model_input, pos, mask)
         else:
-            output, head = model(model_input, position_ids_for(model_input), None), None
+            output, head = model(model_input, pos, mask), None
 
         def loss_func(output):
             lo = fused_loss(sc.objective, output, head["weight"], x0, aux) if head is not None \
@@ -81,7 +85,10 @@ def to_device(mbs: Iterable[dict], device: torch.device, length: int | None = No
         tok = mb["tokens"]
         if length is not None and length < tok.shape[1]:
             tok = tok[:, :length]
-        out.append({"tokens": tok.to(device, non_blocking=True), "sample_ids": mb["sample_ids"].to(device)})
+        d = {"tokens": tok.to(device, non_blocking=True), "sample_ids": mb["sample_ids"].to(device)}
+        if mb.get("segment_ids") is not None:
+            d["segment_ids"] = mb["segment_ids"][:, :tok.shape[1]].to(device)
+        out.append(d)
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megadiff import MegadiffError
+from megadiff import EXIT_REQUEUE, MegadiffError
 from megadiff.checkpoint.manager import CheckpointManager, step_dir_name
 from megadiff.config import check_batch_layout, default_dataset_refs, is_causal, to_yaml
 from megadiff.train import callbacks as cb
@@ -28,7 +28,7 @@ from megadiff.train.step import StepContext, global_sum, run_forward_backward, s
 
 class Trainer:
     def __init__(self, cfg: Any, callbacks: list[cb.Callback] | None = None):
-        from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat
+        from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat, limit_unique_tokens
         from megadiff.diffusion.objectives import make_objective
         from megadiff.diffusion.schedules import make_schedule
         from megadiff.dist.parallel import init_parallel
@@ -48,6 +48,7 @@ class Trainer:
 
         # data
         ds = [ShardDataset(r.path, r.split, skip_corrupt=cfg.data.skip_corrupt) for r in cfg.data.train]
+        ds = limit_unique_tokens(ds, cfg.data.unique_tokens, cfg.data.shuffle_seed)  # data-constrained runs
         self.info = ds[0].info
         self.seq_len = self.info.seq_len
         self.loader = GlobalBatchLoader(ds, [r.weight for r in cfg.data.train], tc.global_batch, tc.micro_batch,
@@ -75,7 +76,8 @@ class Trainer:
         # megatron marks the embedding/output shards allow_shape_mismatch (rows beyond the vocab are unused)
         built = build_model(cfg.model, self.info.vocab_size, causal=causal, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel)
+                            device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel,
+                            masked=bool(cfg.data.document_mask or cfg.diffusion.block_size))
         self.built = built
         if ctx.rank == 0:
             from megadiff.model.build import describe_fusions
@@ -94,24 +96,27 @@ class Trainer:
         self.schedule = make_schedule(cfg.diffusion)
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
         self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
+                              document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids,
                               loss_path=tc.loss_path)
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
+        if self.objective.traits.block_diffusion:  # the model reads [x_t ‖ x_0]: 2 positions per data token
+            self.flops_tok = 2 * flops_per_token(built.shape, built.padded_vocab_size, 2 * self.seq_len, causal=causal)
         peak = tc.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name()) if ctx.device.type == "cuda" else 0)
         self.peak_tflops = float(peak or 0.0)
         self.max_steps = tc.max_steps
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0  # non-finite steps whose update was skipped
-        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every)
+        self.ckpt = CheckpointManager(self.run_dir, tc.keep_last, tc.keep_every, async_save=tc.async_save)
         self.preemption = cb.Preemption(tc.max_wall_minutes)
         self.callbacks: list[cb.Callback] = [self.preemption, *(callbacks or [])]
         self.resume()
 
     # ---------------------------------------------------------------- checkpoints
     def resume(self) -> None:
-        step = self.ckpt.latest_step()
+        step = self.ckpt.resume_step(self.cfg.trainer.resume)
         if step is None:
             return
         extra = self.ckpt.load(step, self.model, self.optimizer)
@@ -186,10 +191,12 @@ class Trainer:
                 stats = self.train_step()
                 for c in self.callbacks:
                     c.on_step_end(self, stats)
+                self.ckpt.poll()  # an async save in flight: finalised (latest moved) once every rank wrote it
                 if self.preemption.requested:
                     reason = "preempted"
                     break
             self.save()
+            self.ckpt.wait()
             for c in self.callbacks:
                 c.on_train_end(self, reason)
         finally:
@@ -197,7 +204,7 @@ class Trainer:
                 c.on_fit_end(self, reason)
         if reason == "preempted" and self.ctx.rank == 0:
             print(f"preempted ({self.preemption.reason}) at step {self.step}: checkpoint saved, exiting with "
-                  f"{cb.REQUEUE_EXIT_CODE} (requeue)", flush=True)
+                  f"{EXIT_REQUEUE} (requeue)", flush=True)
         return reason
 
     # ---------------------------------------------------------------- eval
@@ -220,7 +227,9 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         sc = StepContext(self.objective.for_validation(), self.cfg.diffusion, gb,
                          noise_seed=10_000 + self.cfg.diffusion.seed,
-                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps), loss_path=tc.loss_path)
+                         t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps),
+                         document_mask=self.sc.document_mask, reset_position_ids=self.sc.reset_position_ids,
+                         loss_path=tc.loss_path)
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
@@ -252,13 +261,16 @@ def _has_split(ref) -> bool:
 
 def run_training(cfg: Any, callbacks: list[cb.Callback] | None = None) -> int:
     """Train with these callbacks; returns the process exit code (0 done, 75 preempted)."""
-    trainer = Trainer(cfg, callbacks)
+    from megadiff.checkpoint.rundir import remove_if_setup_fails
+
+    with remove_if_setup_fails(cfg.trainer.run_dir):
+        trainer = Trainer(cfg, callbacks)
     reason = trainer.fit()
     from megadiff.dist.parallel import destroy_parallel
 
     cb.barrier()
     destroy_parallel()
-    return cb.REQUEUE_EXIT_CODE if reason == "preempted" else 0
+    return EXIT_REQUEUE if reason == "preempted" else 0
 
 
 __all__ = ["Trainer", "run_training"]
