@@ -125,11 +125,12 @@ def main(spec: dict, out_path: str) -> None:
     ctx = init_parallel(tp, pp, "cpu", "gloo", seed=1234)
     V, S, mb, n_mb = spec["vocab"], spec["seq"], spec["micro_batch"], spec.get("num_micro", 1)
     dcfg = OmegaConf.structured(DiffusionConfig(objective=spec.get("objective", "mdlm")))
-    obj = make_objective(dcfg, make_schedule(dcfg), mask_id=V - 1, vocab_size=V)
+    mask_id = spec.get("mask_id", V - 1)
+    obj = make_objective(dcfg, make_schedule(dcfg), mask_id=mask_id, vocab_size=V)
     causal = obj.traits.needs_causal_mask
     gen = torch.Generator().manual_seed(0)
     gb = mb * n_mb * ctx.dp
-    batches = [[{"tokens": torch.randint(0, V - 1, (mb, S), generator=gen),
+    batches = [[{"tokens": torch.randint(0, V - 1, (mb, S), generator=gen) + (mask_id == 0),
                  "sample_ids": torch.arange(mb) + i * mb} for i in range(n_mb)] for _ in range(spec.get("steps", 2))]
 
     def step_ctx(loss_path: str) -> StepContext:

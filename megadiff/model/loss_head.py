@@ -99,7 +99,8 @@ class _LinearCE(torch.autograd.Function):
             if group is not None:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             logits.sub_(m[:, None])
-            tgt = logits.gather(1, local_t[s:e, None]).squeeze(1) * inside[s:e]
+            tgt = logits.gather(1, local_t[s:e, None]).squeeze(1)
+            tgt = torch.where(inside[s:e], tgt, torch.zeros_like(tgt))  # not x 0: column 0 may be -inf
             probs = logits.exp_()
             sumexp = probs.sum(dim=-1)
             if group is not None:
