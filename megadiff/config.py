@@ -105,6 +105,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    recompute: str = "none"  # activation recompute: none | selective (core attention + MLP) | full (whole layers)
+    recompute_num_layers: Optional[int] = None  # full: layers recomputed per pipeline stage (None: all of them)
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -171,6 +173,7 @@ class TrainerConfig:
     micro_batch: int = 8  # sequences per micro batch per data-parallel rank
     global_batch: int = 32  # = micro_batch x grad accumulation x DP (checked)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    loss_path: str = "fused"  # fused: loss rows only, vocab-parallel chunked linear+CE | logits: full logits (reference)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1234  # model init
     log_interval: int = 10
@@ -222,11 +225,13 @@ CHOICES: dict[str, tuple[str, ...]] = {  # registries' names come from their tor
     "data.tokenizer.kind": ("bpe", "gpt2", "file"),
     "model.arch": ("llama", "gpt2"),
     "model.attention_backend": ("auto", *ATTENTION_BACKENDS.names()),
+    "model.recompute": ("none", "selective", "full"),
     "diffusion.objective": tuple(OBJECTIVES.names()),
     "diffusion.schedule": tuple(SCHEDULES.names()),
     "optim.lr_schedule": tuple(LR_SCHEDULES.names()),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.loss_path": ("fused", "logits"),
     "trainer.device": ("auto", "cpu", "cuda"),
 }
 
@@ -329,6 +334,10 @@ def validate(cfg: Any) -> None:
     for key, val in positive.items():
         if val <= 0:
             raise MegadiffError(f"config key {key!r} must be positive, got {val}")
+    n_rc = cfg.model.recompute_num_layers
+    if n_rc is not None and (cfg.model.recompute != "full" or n_rc <= 0):
+        raise MegadiffError(f"config key 'model.recompute_num_layers'={n_rc} needs model.recompute=full and a "
+                            f"positive value (got recompute={cfg.model.recompute!r}); unset it or set model.recompute=full")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise MegadiffError(f"config key 'data.valid_fraction' must be in [0, 1), got {cfg.data.valid_fraction}")
     if not 0.0 < cfg.diffusion.eps < 1.0:

@@ -41,6 +41,17 @@ class DiffusionAux:
     weight: torch.Tensor  # [B] float32, per-token weight of the masked CE
 
 
+@dataclass
+class LossRows:
+    """The positions that carry loss, so that a loss head can score those rows only (the training step's
+    fused path, megadiff/model/loss_head.py): ``loss_from_ce`` turns their CE into the same ``LossOut``
+    as ``loss`` on full logits."""
+
+    select: torch.Tensor  # [B, L] bool: positions whose output row is scored
+    target: torch.Tensor  # [N] long: target token of each selected position (row-major order)
+    weight: torch.Tensor  # [N] float32: weight of each selected position's CE in loss_sum
+
+
 def restrict_logits(logits: torch.Tensor, vocab_size: int, mask_id: int | None) -> torch.Tensor:
     """float32 logits over the real vocab with the mask column at -inf (SUBS); drops padded columns."""
     out = logits[..., :vocab_size].float()
@@ -87,6 +98,20 @@ class Objective:
     def loss(self, logits: torch.Tensor, x0: torch.Tensor, aux: Any) -> LossOut:
         raise NotImplementedError
 
+    @property
+    def has_loss_rows(self) -> bool:
+        """``loss_rows`` / ``loss_from_ce`` are implemented: the step may score only those rows (fused loss
+        path); otherwise it computes full logits and calls ``loss``."""
+        return type(self).loss_rows is not Objective.loss_rows
+
+    def loss_rows(self, x0: torch.Tensor, aux: Any) -> LossRows:
+        raise NotImplementedError
+
+    def loss_from_ce(self, ce: torch.Tensor, loss_sum: torch.Tensor, rows: LossRows, x0: torch.Tensor,
+                     aux: Any) -> LossOut:
+        """``LossOut`` from the CE of the selected rows (``ce`` detached, ``loss_sum`` = sum weight x ce)."""
+        raise NotImplementedError
+
 
 class _MaskedDiffusion(Objective):
     """Shared body: loss_sum = sum_b weight_b * sum_{l masked} CE(b, l); tokens = B * L."""
@@ -114,6 +139,13 @@ class _MaskedDiffusion(Objective):
         ce = token_ce(logits, x0, self.vocab_size, self.mask_id)  # [B, L] float32
         ce_m = torch.where(aux.masked, ce, torch.zeros_like(ce))
         loss_sum = (ce_m * aux.weight[:, None]).sum()
+        return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device))
+
+    def loss_rows(self, x0, aux: DiffusionAux):
+        sel = aux.masked
+        return LossRows(sel, x0[sel], aux.weight[:, None].expand_as(x0)[sel])
+
+    def loss_from_ce(self, ce, loss_sum, rows, x0, aux: DiffusionAux):
         return LossOut(loss_sum, torch.tensor(x0.numel(), device=x0.device))
 
 
@@ -163,6 +195,15 @@ class Autoregressive(Objective):
         ce = next_token_ce(logits, x0, self.vocab_size, self.mask_id)
         n = ce.numel()
         return LossOut(ce.sum(), torch.tensor(n, device=x0.device))
+
+    def loss_rows(self, x0, aux=None):
+        sel = torch.ones_like(x0, dtype=torch.bool)
+        sel[:, -1] = False  # position l predicts x0[l + 1]; the last position has no target
+        target = x0[:, 1:].reshape(-1)
+        return LossRows(sel, target, torch.ones(target.shape, dtype=torch.float32, device=x0.device))
+
+    def loss_from_ce(self, ce, loss_sum, rows, x0, aux=None):
+        return LossOut(loss_sum, torch.tensor(ce.numel(), device=x0.device))
 
 
 def make_objective(cfg_diffusion: Any, schedule: Schedule, mask_id: int, vocab_size: int) -> Objective:

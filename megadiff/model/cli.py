@@ -1,4 +1,5 @@
-"""`megadiff model info`: parameters, FLOPs/token and a memory estimate for a preset and layout (no torch)."""
+"""`megadiff model info`: parameters, FLOPs/token and the per-rank memory forecast for a preset and layout
+(no torch; the forecast is megadiff/model/memory.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ def register(sub) -> None:
     i.add_argument("--tp", type=int, default=1)
     i.add_argument("--pp", type=int, default=1)
     i.add_argument("--dp", type=int, default=1)
+    i.add_argument("--num-micro", type=int, default=1, help="micro batches per step (gradient accumulation)")
+    i.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation (model.recompute)")
+    i.add_argument("--recompute-num-layers", type=int, default=None, help="full: layers per stage (default all)")
+    i.add_argument("--fp32", action="store_true", help="fp32 weights/activations (default bf16)")
+    i.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer state not sharded over DP")
+    i.add_argument("--loss-path", default="fused", choices=["fused", "logits"],
+                   help="loss buffers of trainer.loss_path")
     i.add_argument("--untied", action="store_true", help="untied input/output embeddings")
     i.add_argument("--causal", action="store_true", help="FLOPs of the autoregressive baseline (causal attention)")
     i.set_defaults(func=info)
@@ -30,7 +39,8 @@ def info(args) -> int:
 
     from megadiff import MegadiffError
     from megadiff.config import ModelConfig
-    from megadiff.model.flops import count_params, flops_per_token, memory_estimate_gib
+    from megadiff.model.flops import count_params, flops_per_token
+    from megadiff.model.memory import Layout, forecast, format_forecast
     from megadiff.model.presets import PRESETS, padded_vocab_size, resolve_shape
 
     def shape_of(name):
@@ -54,7 +64,11 @@ def info(args) -> int:
     s = shape_of(args.preset)
     pc = count_params(s, vpad)
     fpt = flops_per_token(s, vpad, args.seq, args.causal)
-    mem = memory_estimate_gib(s, vpad, args.seq, args.micro_batch, args.tp, args.pp, args.dp)
+    layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, micro_batch=args.micro_batch, seq=args.seq,
+                    num_micro=args.num_micro, recompute=args.recompute, recompute_num_layers=args.recompute_num_layers,
+                    bf16=not args.fp32, distributed_optimizer=not args.no_distributed_optimizer,
+                    loss_path=args.loss_path)
+    mem = forecast(s, vpad, layout)
     print(f"preset {args.preset} ({args.arch}): {s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} "
           f"heads ({s.num_query_groups} kv groups), ffn {s.ffn_hidden_size}, "
           f"{'tied' if s.tie_embeddings else 'untied'} embeddings")
@@ -63,7 +77,9 @@ def info(args) -> int:
           f"{pc.embedding:,} embedding" + (f", {pc.output:,} output" if pc.output else ""))
     print(f"FLOPs/token      {fpt:.4g} (training, fwd+bwd, seq {args.seq}, "
           f"{'causal attention halved' if args.causal else 'bidirectional attention in full'})")
-    print(f"layout           TP={args.tp} PP={args.pp} DP={args.dp}, micro batch {args.micro_batch}, bf16, "
-          f"distributed optimizer")
-    print("memory/GPU (est) " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
+    print(f"layout           TP={args.tp} PP={args.pp} DP={args.dp}, micro batch {args.micro_batch} x {args.num_micro}, "
+          f"{'fp32' if args.fp32 else 'bf16'}, recompute {args.recompute}, "
+          f"{'' if layout.distributed_optimizer else 'no '}distributed optimizer, loss path {args.loss_path}")
+    print("memory/GPU (forecast, per rank):")
+    print(format_forecast(mem))
     return 0

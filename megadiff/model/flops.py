@@ -75,29 +75,3 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 def mfu(tokens_per_s: float, flops_tok: float, peak_tflops: float) -> float:
     return tokens_per_s * flops_tok / (peak_tflops * 1e12) if peak_tflops > 0 else 0.0
-
-
-def memory_estimate_gib(shape: ModelShape, vocab_size: int, seq_len: int, micro_batch: int,
-                        tp: int = 1, pp: int = 1, dp: int = 1, bf16: bool = True,
-                        distributed_optimizer: bool = True) -> dict[str, float]:
-    """Rough per-GPU memory (GiB) for training: weights, grads, optimizer, activations.
-
-    bf16: 2 B weights + 4 B fp32 grad buffer + 12 B optimizer (fp32 master + Adam m, v),
-    the optimizer part divided over DP with the distributed optimizer. Activations per layer
-    follow Korthikanti et al. 2022 (no recompute) with fused attention: s*b*h*34 bytes, / TP, and
-    pipeline stage 0 holds pp micro batches in flight under 1F1B. Logits in fp32 are added.
-    """
-    pc = count_params(shape, vocab_size)
-    n = pc.total(shape.num_layers) / (tp * pp)
-    w = n * (2 if bf16 else 4)
-    g = n * 4
-    opt = n * (12 if bf16 else 8) / (dp if distributed_optimizer else 1)
-    s, b, h = seq_len, micro_batch, shape.hidden_size
-    act_layer = s * b * h * 34 / tp  # fused (flash/SDPA) attention: no s x s score matrix is stored
-    layers_here = shape.num_layers / pp
-    act = act_layer * layers_here * min(pp, 1 + (pp - 1))
-    logits = s * b * vocab_size / tp * 4 * 2
-    gib = 2**30
-    out = {"weights": w / gib, "grads": g / gib, "optimizer": opt / gib, "activations": act / gib, "logits": logits / gib}
-    out["total"] = sum(out.values())
-    return out

@@ -17,9 +17,11 @@ PRESETS: dict[str, tuple[int, int, int, int | None, int | None]] = {
     "125m": (12, 768, 12, None, None),
     "350m": (24, 1024, 16, None, None),
     "760m": (24, 1536, 16, None, None),
+    "1.1b": (22, 2048, 32, 4, 5632),  # TinyLlama-1.1B shape (SMDM-style 1.1B)
     "1.3b": (24, 2048, 16, None, None),
     "3b": (32, 2560, 32, 8, None),
-    "8b": (32, 4096, 32, 8, 14336),
+    "8b": (32, 4096, 32, 8, 14336),  # Llama-3-8B shape
+    "70b": (80, 8192, 64, 8, 28672),  # Llama-3-70B shape
 }
 
 

@@ -98,6 +98,7 @@ class MLflowCallback(Callback):
         params = {sanitize(k)[:250]: str(v)[:6000] for k, v in to_flat_dict(cfg).items()}
         params["model.n_params"] = str(sum(p.numel() for p in trainer.built.model.parameters()))
         params["model.flops_per_token"] = f"{trainer.flops_tok:.6g}"
+        params.update({f"fusion.{k}": str(v) for k, v in trainer.built.fusions.items()})
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]

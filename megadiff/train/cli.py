@@ -26,6 +26,13 @@ def register(sub) -> None:
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=None, help="default: a free port (single node)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build every pipeline stage's partition on the meta device under a fake process group of "
+                        "--world-size ranks (no weights allocated, no GPU needed), print per-rank parameters and "
+                        "the memory forecast, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="--dry-run: total ranks (GPUs) of the layout")
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="--dry-run: fail (exit 2) when a rank's forecast peak exceeds this many GiB")
     p.set_defaults(func=run)
 
 
@@ -108,6 +115,10 @@ def run(args) -> int:
     from megadiff.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before spawning anything
+    if args.dry_run:
+        from megadiff.train.dryrun import dry_run
+
+        return dry_run(cfg, args.world_size or args.nproc_per_node * args.nnodes, args.gpu_mem_gib)
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_launcher and args.nproc_per_node * args.nnodes > 1:
         return spawn_workers(args)

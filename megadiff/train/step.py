@@ -1,7 +1,16 @@
 """The training/eval step: corrupt → model → objective, through megatron's forward-backward schedules.
 
 The diffusion maths never sees megatron: ``forward_step`` feeds the objective's corrupted tokens to
-the model and hands the logits back to the objective's loss. Losses are SUMS with a token count
+the model and hands its output back to the objective's loss. Two loss paths (``trainer.loss_path``):
+
+* ``fused`` (default): the model returns final hidden states; only the rows that carry loss (the
+  objective's ``loss_rows``: masked positions for the diffusion objectives, all but the last for ar)
+  are gathered and scored by the vocab-parallel, chunked linear + cross-entropy head
+  (megadiff/model/loss_head.py). No rank materialises logits for all rows or all of the vocab.
+* ``logits``: full-vocab logits on every position and TP rank, ``objective.loss`` on them (the
+  reference path: simpler, far more memory; tests check the two agree).
+
+Losses are SUMS with a token count
 (megatron's ``calculate_per_token_loss``), so gradient accumulation and data parallelism give
 exactly the full-global-batch gradient whatever the layout.
 """
@@ -15,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megadiff.diffusion.noise import make_noise, random_length
+from megadiff.model.loss_head import hidden_states_out, linear_cross_entropy
 from megadiff.model.masks import step_attention
 
 
@@ -29,6 +39,7 @@ class StepContext:
     t_min: float | None = None  # lower end of t ~ U(t_min, 1); None: diffusion.eps (the training cut)
     document_mask: bool = False  # data.document_mask: attention inside each packed document
     reset_position_ids: bool = False  # model.reset_position_ids
+    loss_path: str = "fused"  # fused | logits (see the module docstring)
 
 
 def make_forward_step(sc: StepContext, step: int):
@@ -42,10 +53,15 @@ def make_forward_step(sc: StepContext, step: int):
         model_input, aux = sc.objective.prepare(x0, noise)
         pos, mask = step_attention(sc.objective, x0, model_input, mb.get("segment_ids"), sc.document_mask,
                                    sc.reset_position_ids)
-        output = model(model_input, pos, mask)
+        if sc.loss_path == "fused" and sc.objective.has_loss_rows:
+            with hidden_states_out(model) as head:
+                output = model(model_input, pos, mask)
+        else:
+            output, head = model(model_input, pos, mask), None
 
-        def loss_func(logits):
-            lo = sc.objective.loss(logits, x0, aux)
+        def loss_func(output):
+            lo = fused_loss(sc.objective, output, head["weight"], x0, aux) if head is not None \
+                else sc.objective.loss(output, x0, aux)
             tokens = lo.tokens.to(torch.int) if torch.is_tensor(lo.tokens) else torch.tensor(lo.tokens, dtype=torch.int)
             report = torch.stack([lo.loss_sum.detach().float(), tokens.float().to(lo.loss_sum.device)])
             return lo.loss_sum, tokens.to(lo.loss_sum.device), {"lm": report}
@@ -53,6 +69,14 @@ def make_forward_step(sc: StepContext, step: int):
         return output, loss_func
 
     return forward_step
+
+
+def fused_loss(objective, hidden: torch.Tensor, weight: torch.Tensor, x0: torch.Tensor, aux):
+    """The objective's LossOut from the final hidden states ``[B, L, h]``: its loss rows only."""
+    rows = objective.loss_rows(x0, aux)
+    loss_sum, ce = linear_cross_entropy(hidden[rows.select], weight, rows.target, rows.weight,
+                                        objective.vocab_size, objective.mask_id)
+    return objective.loss_from_ce(ce, loss_sum, rows, x0, aux)
 
 
 def to_device(mbs: Iterable[dict], device: torch.device, length: int | None = None) -> list[dict]:

@@ -79,6 +79,10 @@ class Trainer:
                             device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel,
                             masked=bool(cfg.data.document_mask or cfg.diffusion.block_size))
         self.built = built
+        if ctx.rank == 0:
+            from megadiff.model.build import describe_fusions
+
+            print(describe_fusions(built.fusions), flush=True)
         tconf = built.config
         tconf.calculate_per_token_loss = True
         self.model = wrap_ddp(built.model, tconf, ctx, pc)
@@ -92,7 +96,8 @@ class Trainer:
         self.schedule = make_schedule(cfg.diffusion)
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
         self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
-                              document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids)
+                              document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids,
+                              loss_path=tc.loss_path)
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
@@ -223,7 +228,8 @@ class Trainer:
         sc = StepContext(self.objective.for_validation(), self.cfg.diffusion, gb,
                          noise_seed=10_000 + self.cfg.diffusion.seed,
                          t_min=self.schedule.t_at_mask_prob(self.cfg.diffusion.eps),
-                         document_mask=self.sc.document_mask, reset_position_ids=self.sc.reset_position_ids)
+                         document_mask=self.sc.document_mask, reset_position_ids=self.sc.reset_position_ids,
+                         loss_path=tc.loss_path)
         for _ in range(n_batches):
             mbs = to_device(loader.next_global(), self.ctx.device)
             for k in range(n_t):
