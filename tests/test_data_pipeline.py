@@ -284,7 +284,10 @@ def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
         ShardDataset(out)  # a killed run is never read as complete
 
     res = run_pipeline(cfg, progress=False)
-    assert res.computed == {"scan": 0, "bucket": 0, "cluster": 0, "pack": n_parts - len(done)}
+    # every finished partition is skipped; a partition in flight at the kill may still have completed its
+    # record while Ray's worker processes were being killed, so it can be skipped too
+    assert {k: v for k, v in res.computed.items() if k != "pack"} == {"scan": 0, "bucket": 0, "cluster": 0}
+    assert n_parts - len(done) - len(in_flight) <= res.computed["pack"] <= n_parts - len(done)
     assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in ((n, out / n) for n in kept)} == kept
     assert dir_bytes(out) == dir_bytes(tmp_path / "ref")  # same bytes as the uninterrupted run
     assert json.loads((out / MANIFEST_NAME).read_text()) == ref.manifest

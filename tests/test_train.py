@@ -150,7 +150,8 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_data, reference, tm
     shutil.copytree(reference / "checkpoints", run / "checkpoints")
     (run / "checkpoints" / "latest").write_text("step_000099\n")
     p = run_cli(*tiny_train_args(tiny_data, run, "tracking.enabled=false"), check=False)
-    assert p.returncode == 2 and "step_000099" in p.stderr and "incomplete" in p.stderr
+    assert p.returncode == 2 and "step_000099 does not exist" in p.stderr, p.stderr[-3000:]
+    assert "trainer.resume=step_000020" in p.stderr  # the newest checkpoint that verifies is offered
     (run / "checkpoints" / "latest").write_text("step_000010\n")
     for f in (run / "checkpoints" / "step_000010").glob("*.distcp"):
         f.write_bytes(b"garbage")
