@@ -153,8 +153,14 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_data, reference, tm
     assert p.returncode == 2 and "step_000099 does not exist" in p.stderr, p.stderr[-3000:]
     assert "trainer.resume=step_000020" in p.stderr  # the newest checkpoint that verifies is offered
     (run / "checkpoints" / "latest").write_text("step_000010\n")
-    for f in (run / "checkpoints" / "step_000010").glob("*.distcp"):
+    shards = sorted((run / "checkpoints" / "step_000010").glob("*.distcp"))
+    sizes = {f: f.stat().st_size for f in shards}
+    for f in shards:  # truncated: found by the recorded sizes, before anything loads
         f.write_bytes(b"garbage")
+    p = run_cli(*tiny_train_args(tiny_data, run, "tracking.enabled=false"), check=False)
+    assert p.returncode == 2 and f"{shards[0].name} has 7 bytes" in p.stderr, p.stderr[-3000:]
+    for f in shards:  # same sizes, garbage content: the load itself fails, naming the checkpoint
+        f.write_bytes(b"\0" * sizes[f])
     p = run_cli(*tiny_train_args(tiny_data, run, "tracking.enabled=false"), check=False)
     assert p.returncode == 2 and "could not load checkpoint" in p.stderr and "step_000010" in p.stderr, p.stderr[-3000:]
 
