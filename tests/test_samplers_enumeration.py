@@ -13,23 +13,17 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from test_samplers_distribution import MASK, REAL, VOCAB, L
+from test_samplers_distribution import TableModel as _Table
 
 from megadiff.diffusion.samplers import SAMPLERS
 from megadiff.diffusion.schedules import make_schedule
 
-L, REAL, MASK, VOCAB, VPAD = 3, 3, 3, 4, 6
 N = 20_000
 
 
-class TableModel:
+class TableModel(_Table):
     """Logits are a fixed random function of the whole canvas (any dependence a network could have)."""
-
-    def __init__(self, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(VOCAB**L, L, VPAD, generator=g, dtype=torch.float64) * 1.5
-
-    def __call__(self, x):
-        return self.table[(x * (VOCAB ** torch.arange(L))).sum(-1)]
 
     def probs(self, state: tuple) -> np.ndarray:
         """[L, REAL] float64 token probabilities (the samplers restrict to the real vocab, mask excluded)."""

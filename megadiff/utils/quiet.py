@@ -43,11 +43,18 @@ KNOWN_WARNINGS: tuple[Known, ...] = (
           r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)`"
           r" is deprecated", "called by megatron-core 0.16 (DDP buffers, distributed optimizer); same collective",
           FutureWarning),
+    Known(r"megatron\.core\.dist_checkpointing\.strategies\.torch", r"`load_state_dict` is deprecated",
+          "megatron-core 0.16 loads checkpoints through torch DCP's older entry point; same load", FutureWarning),
+    Known(r"torch\.distributed\.checkpoint\.", r"Please use DTensor instead and we are deprecating ShardedTensor",
+          "megatron-core 0.16's dist_checkpointing describes shards as ShardedTensor; nothing to change here",
+          FutureWarning),
 )
 
 KNOWN_LOG_RECORDS: tuple[Known, ...] = (
     Known(r"ray\._private\.authentication\.authentication_token_setup", r"Token authentication is enabled",
           "Ray 2.5x notice for the local, single-user cluster the data pipeline starts on this machine"),
+    Known(r"mlflow\.store\.db\.utils", r"(Creating initial MLflow database tables|Updating database tables)",
+          "MLflow creating the run directory's sqlite store on first use"),
 )
 
 
