@@ -53,6 +53,25 @@ def test_second_writer_fails_naming_the_holder_and_a_dead_holders_lock_is_taken_
     assert not (rd / LOCK_NAME).exists() and os.listdir(rd) == []
 
 
+def test_a_killed_but_unreaped_holders_lock_is_taken_over(tmp_path):
+    """A holder killed but not yet reaped (a zombie: an orphaned rank of a killed launcher where PID 1 does not
+    reap) has exited: its lock is taken over, as a resumed job right after a kill needs."""
+    rd = tmp_path / "run"
+    holder = _holder(rd)
+    holder.send_signal(signal.SIGKILL)
+    deadline = time.time() + 30
+    while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline, "the killed holder did not become a zombie"
+        time.sleep(0.01)
+    try:  # not reaped yet: /proc still lists the pid
+        said = []
+        lock = RunLock(rd, echo=said.append).acquire()
+        assert f"taking over the lock of pid {holder.pid}" in said[0]
+        lock.release()
+    finally:
+        holder.wait()
+
+
 def test_a_reused_pid_does_not_keep_a_stale_lock(tmp_path):
     """The lock names pid + process start time: our own (live) pid with another start time is stale."""
     rd = tmp_path / "run"

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,12 +33,14 @@ _LIVE_JOB_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED
 
 
 def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (tells a reused pid apart); None if gone."""
+    """The process's start time in clock ticks since boot (tells a reused pid apart); None if gone, also when
+    it has exited but is not reaped yet (a zombie: a killed launcher's orphaned rank can stay one for long
+    where PID 1 does not reap)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _me() -> dict:
@@ -145,6 +148,12 @@ class RunLock:
             if holder is None:
                 continue
             reason = stale_reason(holder, self.me)
+            same_host = holder.get("host") == self.me["host"]
+            for _ in range(20 if same_host else 0):  # a holder killed a moment ago may still be exiting
+                if reason is not None:
+                    break
+                time.sleep(0.1)
+                reason = stale_reason(holder, self.me)
             if reason is None:
                 raise MegadiffError(
                     f"run directory {self.run_dir} is in use by another writer: {describe(holder)} (lock file "
