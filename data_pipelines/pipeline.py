@@ -123,14 +123,19 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
     written atomically and has its record), so a rerun continues from them.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=1, max_retries=2)(_on_node)
+    # spread the tasks over the cluster's nodes in turn (soft: a busy or lost node's task runs elsewhere);
+    # Ray's default packs short tasks onto the driver's node first
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1)
     pending: dict[Any, int] = {}
     results: dict[int, Any] = {}
     nxt = 0
     while len(results) < len(calls):
         while nxt < len(calls) and len(pending) < num_workers:
-            pending[task.remote(fn, *calls[nxt])] = nxt
+            where = NodeAffinitySchedulingStrategy(nodes[nxt % len(nodes)], soft=True) if nodes else "DEFAULT"
+            pending[task.options(scheduling_strategy=where).remote(fn, *calls[nxt])] = nxt
             nxt += 1
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
         if not ready:
