@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 from test_samplers_distribution import MASK, REAL, VOCAB, L
 from test_samplers_distribution import TableModel as _Table
+from test_samplers_distribution import _exact_continuous_distribution as continuous_law
 
 from megadiff.diffusion.samplers import SAMPLERS
 from megadiff.diffusion.schedules import make_schedule
@@ -95,20 +96,6 @@ def block_law(model, block_length: int, steps: int, schedule: str) -> dict:
     for b0 in range(0, L, block_length):
         dist = ancestral_law(model, dist, list(range(b0, min(b0 + block_length, L))), steps, schedule)
     return dist
-
-
-def continuous_law(model) -> dict:
-    probs = {}
-    for y in itertools.product(range(REAL), repeat=L):
-        tot = 0.0
-        for order in itertools.permutations(range(L)):
-            cur, pr = [MASK] * L, 1.0
-            for i in order:
-                pr *= model.probs(tuple(cur))[i, y[i]]
-                cur[i] = y[i]
-            tot += pr
-        probs[y] = tot / math.factorial(L)
-    return probs
 
 
 def chi2_p(tokens: torch.Tensor, law: dict) -> float:
