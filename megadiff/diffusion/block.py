@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from megadiff.diffusion.catalog import OBJECTIVES
+from megadiff.diffusion.elbo import nelbo_summary
 from megadiff.diffusion.noise import Noise, position_uniforms
 from megadiff.diffusion.objectives import LossOut, Objective, token_ce
 from megadiff.diffusion.schedules import Schedule
@@ -158,9 +159,4 @@ def evaluate_block_nelbo(model_fn: Callable[[torch.Tensor], torch.Tensor], batch
         total += float((acc / n_t).sum())
         tokens += B * L
         seqs += B
-    if tokens == 0:
-        raise ValueError("evaluate_block_nelbo got no batches")
-    nelbo = total / tokens
-    ps = torch.cat(per_seq)
-    sem = float(ps.std() / math.sqrt(len(ps))) if len(ps) > 1 else float("nan")
-    return {"nelbo": nelbo, "ppl_bound": math.exp(nelbo), "tokens": tokens, "sequences": seqs, "nelbo_sem": sem}
+    return nelbo_summary(total, tokens, seqs, per_seq, "evaluate_block_nelbo")

@@ -174,8 +174,13 @@ def evaluate_nelbo(
         total += float(acc.sum())
         tokens += B * L
         seqs += B
+    return nelbo_summary(total, tokens, seqs, per_seq, "evaluate_nelbo")
+
+
+def nelbo_summary(total: float, tokens: int, seqs: int, per_seq: list[torch.Tensor], what: str) -> dict:
+    """{"nelbo", "ppl_bound", "tokens", "sequences", "nelbo_sem"} from summed nats and per-sequence estimates."""
     if tokens == 0:
-        raise ValueError("evaluate_nelbo got no batches")
+        raise ValueError(f"{what} got no batches")
     nelbo = total / tokens
     ps = torch.cat(per_seq)
     sem = float(ps.std() / math.sqrt(len(ps))) if len(ps) > 1 else float("nan")
