@@ -55,6 +55,25 @@ def test_sample_prompt_and_infill_through_cli(ckpts, tmp_path):
         assert len(r["fills"]) == 2 and r["length"] == 3 + 5
 
 
+def test_sample_with_guidance_changes_samples_and_refuses_without_a_prompt(ckpts, tmp_path):
+    """--cfg-weight: same seed, w = 0 vs w = 3 -> different samples (the guided law differs) with the same
+    number of calls (a guided call scores both canvases at once); refused where it cannot act."""
+    outs = {}
+    for w in ("0", "3"):
+        outs[w] = tmp_path / f"w{w}.jsonl"
+        run_cli("sample", str(ckpts["mdm"]), "--prompt", "ROMEO:", "--num", "2", "--length", "16", "--steps", "8",
+                "--cfg-weight", w, "--seed", "5", "--out", str(outs[w]), "--quiet", "--no-progress")
+    plain, guided = ([json.loads(x) for x in outs[w].read_text().splitlines()] for w in ("0", "3"))
+    assert [r["cfg_weight"] for r in guided] == [3.0, 3.0] and [r["cfg_weight"] for r in plain] == [0.0, 0.0]
+    assert [r["nfe"] for r in guided] == [r["nfe"] for r in plain]
+    assert [r["sample"] for r in guided] != [r["sample"] for r in plain]
+    p = run_cli("sample", str(ckpts["mdm"]), "--cfg-weight", "1", "--length", "8", "--out", "", check=False)
+    assert p.returncode == 2 and "--cfg-weight needs conditioning text" in p.stderr
+    p = run_cli("sample", str(ckpts["mdm"]), "--prompt", "A", "--cfg-weight", "-1", "--length", "8", "--out", "",
+                check=False)
+    assert p.returncode == 2 and "must be >= 0" in p.stderr
+
+
 def test_sample_first_hitting_nfe_equals_length(ckpts, tmp_path):
     out = tmp_path / "fh.jsonl"
     run_cli("sample", str(ckpts["mdm"]), "--num", "3", "--length", "16", "--sampler", "first_hitting",

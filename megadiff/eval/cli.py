@@ -69,6 +69,10 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="bd3lm: Fast-dLLM parallel decoding, keep every token whose probability >= this per call")
     p.add_argument("--remasking", default="low_confidence", help="llada: low_confidence | random")
+    p.add_argument("--cfg-weight", type=float, default=0.0,
+                   help="unsupervised classifier-free guidance weight w >= 0 (SMDM): each call also scores the "
+                        "canvas with the prompt/fixed text masked and samples from (1+w) log p(.|prompt) - "
+                        "w log p(.|masked); 0 = off. Needs --prompt or --infill; not with bd3lm")
     _sampling_opts(p)
     p.add_argument("--out", default="samples.jsonl", help="JSONL output ('' = do not write)")
     p.add_argument("--quiet", action="store_true", help="do not print the samples")

@@ -97,13 +97,14 @@ def run_sample(args) -> int:
                             stop_at_eos=kind == "prompt")  # no EOS early stop when fixed text follows the spans
         toks, stats = run_sampler(im, canvas.expand(args.num, -1), args.sampler, kw, seed=args.seed,
                                   batch_size=args.batch_size, progress=not args.no_progress,
-                                  desc=f"{args.sampler} ({kind} {len(records) // args.num + 1}/{len(jobs)})")
+                                  desc=f"{args.sampler} ({kind} {len(records) // args.num + 1}/{len(jobs)})",
+                                  cfg_weight=args.cfg_weight, cond=fixed)
         for r in range(args.num):
             row = toks[r]
             if not torch.equal(row[fixed], canvas[0][fixed]):
                 raise MegadiffError("the sampler changed conditioning tokens (a sampler bug)")
             rec = {"prompt": text, "kind": kind, "sampler": args.sampler, **stats[r], "seed": args.seed,
-                   "length": n_gen}
+                   "length": n_gen, "cfg_weight": args.cfg_weight}
             if kind == "prompt":
                 rec["sample"] = decode(tok, row[len(canvas[0]) - n_gen:].tolist())
             else:
