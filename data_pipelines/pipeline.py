@@ -77,6 +77,14 @@ class PipelineResult:
     tokens: int
 
 
+def worker_niceness() -> int:
+    """Niceness of a private Ray cluster's task workers (MEGADIFF_RAY_WORKER_NICENESS, default 0)."""
+    v = os.environ.get("MEGADIFF_RAY_WORKER_NICENESS", "0")
+    if not v.lstrip("-").isdigit() or not 0 <= int(v) <= 19:
+        raise MegadiffError(f"MEGADIFF_RAY_WORKER_NICENESS={v!r}: give a niceness from 0 to 19")
+    return int(v)
+
+
 @contextlib.contextmanager
 def ray_session(num_workers: int) -> Iterator[None]:
     """Use the caller's Ray if it is up; else join RAY_ADDRESS; else start a small private one."""
@@ -96,8 +104,10 @@ def ray_session(num_workers: int) -> Iterator[None]:
     root = os.environ.get("MEGADIFF_RAY_TMP", "/tmp")
     Path(root).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="mdray-", dir=root)  # short path: Ray's socket paths must fit 107 bytes
+    # Ray starts task workers at niceness 15 (below its own daemons); in a cluster of our own the workers
+    # are the job, so they run at MEGADIFF_RAY_WORKER_NICENESS (default 0, like any process we start)
     ray.init(num_cpus=num_workers, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
-             log_to_driver=False)
+             log_to_driver=False, _system_config={"worker_niceness": worker_niceness()})
     try:
         yield
     finally:

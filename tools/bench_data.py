@@ -6,13 +6,17 @@ written as jsonl files of ~4 MB (>= 25 MB in all).
 
   1. raw HF `tokenizers` encode_batch_fast on the same documents, one core (the per-worker ceiling);
   2. `megadiff data tokenize` as a whole process (Python start, Ray start-up and shutdown included)
-     with 1 and with 2 workers -> tokens/s per worker vs raw, and the 2-vs-1 scaling;
+     with 1 and with 2 workers -> tokens/s per worker vs raw, and the 2-vs-1 scaling; then 1 worker
+     joining a Ray cluster that is already running (`ray start --head --num-cpus 1`, started before the
+     timing: what a user with a cluster gets), and 1 worker with Ray's default worker niceness (15);
   3. the driver: its CPU time vs the tasks' total, and its peak RSS at two corpus sizes;
   4. resume: the pipeline killed (SIGKILL, driver and Ray) when half the partitions are scanned,
      then rerun: the rerun's wall time vs a full run;
   5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core.
 
-The machine's load average is printed before and after: other jobs on the machine slow every row.
+The raw tokenizer runs before and after the pipelines (a fresh tokenizer each time); ratios use the faster
+of the two (the ceiling). The machine's load average is printed before and after: other jobs on the
+machine slow every row.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 26]
 """
@@ -102,13 +106,15 @@ def kill_marked(marker: str) -> None:
                     os.kill(int(pid), signal.SIGKILL)
 
 
-def run_child(cfg: Path, work: Path, kill_when: int | None = None) -> tuple[float, dict | None]:
+def run_child(cfg: Path, work: Path, kill_when: int | None = None,
+              env_extra: dict[str, str] | None = None) -> tuple[float, dict | None]:
     """Whole-process wall time of one pipeline run (and its metrics); with ``kill_when``, SIGKILL it
     once that many scan records exist."""
     out_json = work / f"{cfg.stem}.json"
     ray_tmp = tempfile.mkdtemp(prefix="mdb-", dir="/tmp")
     env = {**os.environ, "MEGADIFF_RAY_TMP": ray_tmp, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    env.update(env_extra or {})
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), str(out_json)], env=env,
                             start_new_session=True)
@@ -128,6 +134,38 @@ def run_child(cfg: Path, work: Path, kill_when: int | None = None) -> tuple[floa
     if kill_when is None and rc != 0:
         raise SystemExit(f"pipeline run {cfg} failed (rc {rc})")
     return wall, (json.loads(out_json.read_text()) if kill_when is None else None)
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def running_cluster(cpus: int):
+    """A one-node Ray cluster started with `ray start --head` (Ray's defaults, no dashboard, own ports and temp
+    dir); yields its address; stopped by process ids (never `ray stop`, which would stop other users' Ray)."""
+    tmp = tempfile.mkdtemp(prefix="mdbh-", dir="/tmp")
+    p = free_ports(7)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    try:
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={p[6]}",
+                        "--include-dashboard=false", f"--num-cpus={cpus}", f"--temp-dir={tmp}", "--disable-usage-stats",
+                        f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
+                        f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
+                        f"--runtime-env-agent-port={p[4]}", f"--metrics-export-port={p[5]}"],
+                       env=env, check=True, capture_output=True, timeout=300)
+        yield f"127.0.0.1:{p[6]}"
+    finally:
+        kill_marked(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -162,6 +200,7 @@ def main() -> None:
 
     # 1. raw tokenizer, one core, same documents and chunking as the pipeline (again at the end)
     def raw_rate() -> tuple[int, float]:
+        tok = load_tokenizer(tok_path)
         texts = [normalize(d) for f in files for d in read_documents(str(f), "auto", "text", "file")]
         pieces = [p for t in texts for p in _chunks(t)]
         del texts
@@ -173,13 +212,17 @@ def main() -> None:
         return n, time.perf_counter() - t0
 
     n_raw, raw_s = raw_rate()
-    raw = n_raw / raw_s
 
     # 2./3. whole-process runs
     runs = {}
     for name, fs, w in (("w1", files, 1), ("w2", files, 2), ("w1half", half, 1)):
         runs[name] = run_child(write_cfg(work / f"{name}.yaml", fs, work / name, tok_path, w, args.seq_len), work)
     same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir() if p.is_file())
+    with running_cluster(1) as address:
+        runs["w1join"] = run_child(write_cfg(work / "w1join.yaml", files, work / "w1join", tok_path, 1, args.seq_len),
+                                   work, env_extra={"RAY_ADDRESS": address})
+    runs["w1nice"] = run_child(write_cfg(work / "w1nice.yaml", files, work / "w1nice", tok_path, 1, args.seq_len), work,
+                               env_extra={"MEGADIFF_RAY_WORKER_NICENESS": "15"})
 
     # 4. resume: kill when half the partitions are scanned, rerun
     rcfg = write_cfg(work / "resume.yaml", files, work / "resume", tok_path, 2, args.seq_len)
@@ -199,6 +242,7 @@ def main() -> None:
     ld_rate = n_ld / (time.perf_counter() - t0)
 
     _, raw_s2 = raw_rate()
+    raw = n_raw / min(raw_s, raw_s2)
     (w1_wall, w1), (w2_wall, w2), (_, h) = runs["w1"], runs["w2"], runs["w1half"]
     r1, r2 = w1["tokens"] / w1_wall, w2["tokens"] / w2_wall
     print(f"corpus: {len(files)} jsonl files, {mb:.1f} MB of text ({len(half)} files for the half size), tokenizer "
@@ -206,16 +250,22 @@ def main() -> None:
           f"{n_parts} partitions")
     print("| what | tokens | wall s | tokens/s | ratio | target |")
     print("|---|---:|---:|---:|---:|---|")
-    print(f"| raw `tokenizers` encode_batch_fast, 1 core | {n_raw:,} | {raw_s:.2f} | {raw:,.0f} | 1.00x raw | |")
-    print(f"| raw again, after the pipeline runs | {n_raw:,} | {raw_s2:.2f} | {n_raw / raw_s2:,.0f} | "
-          f"{raw_s / raw_s2:.2f}x raw | |")
+    for what, sec in (("before the pipelines", raw_s), ("after the pipelines", raw_s2)):
+        print(f"| raw `tokenizers` encode_batch_fast, 1 core, {what} | {n_raw:,} | {sec:.2f} | {n_raw / sec:,.0f} | "
+              f"{n_raw / sec / raw:.2f}x raw | |")
     print(f"| pipeline, 1 worker, whole process | {w1['tokens']:,} | {w1_wall:.2f} | {r1:,.0f} | {r1 / raw:.2f}x raw "
           f"| >= 0.85x |")
     print(f"| pipeline, 2 workers, whole process | {w2['tokens']:,} | {w2_wall:.2f} | {r2:,.0f} | "
           f"{r2 / 2 / raw:.2f}x raw per worker | |")
+    for key, what in (("w1join", "1 worker, joining a running Ray cluster (started before the timing)"),
+                      ("w1nice", "1 worker, workers at Ray's default niceness 15")):
+        wall, m = runs[key]
+        print(f"| pipeline, {what} | {m['tokens']:,} | {wall:.2f} | {m['tokens'] / wall:,.0f} | "
+              f"{m['tokens'] / wall / raw:.2f}x raw | |")
     print(f"| scaling 2 workers vs 1 | | | | {r2 / r1:.2f}x | >= 1.7x (idle machine) |")
-    for name, (wall, m) in (("1 worker", runs["w1"]), ("2 workers", runs["w2"]), ("1 worker, half corpus",
-                                                                                    runs["w1half"])):
+    for name, (wall, m) in (("1 worker", runs["w1"]), ("2 workers", runs["w2"]),
+                            ("1 worker, half corpus", runs["w1half"]),
+                            ("1 worker, joining a running cluster", runs["w1join"])):
         print(f"| driver CPU / tasks' CPU, {name} | | {wall:.2f} | | {m['driver_cpu_s']:.2f} s / "
               f"{m['task_cpu_s']:.2f} s = {m['driver_cpu_s'] / m['task_cpu_s']:.1%} | <= 5% |")
     print(f"| driver peak RSS: full corpus {w1['driver_maxrss_mb']:.0f} MB, half corpus {h['driver_maxrss_mb']:.0f} MB"
