@@ -196,7 +196,7 @@ def test_annealing_resumes_exactly_changes_the_loss_and_is_exported(tiny_data, t
     plain = tmp_path / "plain"
     run_cli(*tiny_train_args(tiny_data, plain, *anneal[:2], "trainer.max_steps=1", "trainer.eval_interval=0",
                              "tracking.enabled=false"))
-    assert abs(losses(plain)[1] - losses(ref)[1]) > 1e-3 * losses(plain)[1]
+    assert abs(losses(plain)[1] - losses(ref)[1]) > 1e-4 * losses(plain)[1]  # float noise: ~1e-7
     # the export of the mid-annealing checkpoint states it, and keeps logits parity
     hf = tmp_path / "hf"
     run_cli("convert", "to-hf", str(run / "checkpoints" / "step_000003"), str(hf))
@@ -221,7 +221,7 @@ def test_block_curriculum_resumes_exactly_and_changes_the_loss(tiny_data, tmp_pa
     plain = tmp_path / "plain"
     run_cli(*tiny_train_args(tiny_data, plain, *bd[:2], "trainer.max_steps=1", "trainer.eval_interval=0",
                              "tracking.enabled=false"))
-    assert abs(losses(plain)[1] - losses(ref)[1]) > 1e-3 * losses(plain)[1]  # block 4 at step 0, not 16
+    assert abs(losses(plain)[1] - losses(ref)[1]) > 1e-4 * losses(plain)[1]  # block 4 at step 0, not 16
 
 
 @pytest.mark.slow
