@@ -130,6 +130,10 @@ class DiffusionConfig:
     ar_weight: float = 1.0  # ar_mdlm: weight of the next-token loss
     diffusion_weight: float = 0.3  # ar_mdlm: weight of the shifted masked-diffusion loss
     uniform_fraction: float = 0.1  # gidd: share of uniform-token (vs [MASK]) corruption; 1 = uniform diffusion
+    anneal_steps: int = 0  # mdlm/llada/mdlm_adapt/gidd: attention opens causal -> bidirectional over these steps; 0 off
+    block_curriculum_start: int = 0  # bd3lm: first block size of the warmup-stable-decay block curriculum; 0 = off
+    block_curriculum_warmup_steps: int = 0  # bd3lm curriculum: first steps, blocks start, 2 start, ... < seq_len
+    block_curriculum_decay_steps: int = 0  # bd3lm curriculum: last steps, blocks seq_len/2, ... down to block_size
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -358,6 +362,9 @@ def _validate_objective_options(cfg: Any) -> None:
     if d.ar_weight < 0 or d.diffusion_weight < 0 or d.ar_weight + d.diffusion_weight <= 0:
         raise MegadiffError(f"config keys 'diffusion.ar_weight/diffusion_weight' are {d.ar_weight}/"
                             f"{d.diffusion_weight}; both must be >= 0 and not both 0 (e.g. 1.0 and 0.3)")
+    if d.anneal_steps < 0:
+        raise MegadiffError(f"config key 'diffusion.anneal_steps' must be >= 0 (0 = bidirectional from step 0), "
+                            f"got {d.anneal_steps}")
     if not 0.0 <= d.uniform_fraction <= 1.0:
         raise MegadiffError(f"config key 'diffusion.uniform_fraction' must be in [0, 1], got {d.uniform_fraction}")
     if tr.stacks_rows and cfg.parallel.pp > 1:
@@ -379,9 +386,29 @@ def _validate_blocks(cfg: Any) -> None:
         if not 0.0 <= d.mask_rate_min < d.mask_rate_max <= 1.0:
             raise MegadiffError(f"config keys 'diffusion.mask_rate_min/max' are [{d.mask_rate_min}, "
                                 f"{d.mask_rate_max}]; need 0 <= min < max <= 1")
+        _validate_block_curriculum(cfg)
     if cfg.model.reset_position_ids and not cfg.data.document_mask:
         raise MegadiffError("config key 'model.reset_position_ids' is true but data.document_mask is false; "
                             "positions restart per document only with document masks: set data.document_mask=true")
+
+
+def _validate_block_curriculum(cfg: Any) -> None:
+    """The length-free checks of diffusion.block_curriculum_*; the trainer checks the sizes against the data's
+    sequence length (``megadiff.diffusion.curricula.block_curriculum``)."""
+    d = cfg.diffusion
+    keys = ("block_curriculum_start", "block_curriculum_warmup_steps", "block_curriculum_decay_steps")
+    for key in keys:
+        if d[key] < 0:
+            raise MegadiffError(f"config key 'diffusion.{key}' must be >= 0, got {d[key]}")
+    if d.block_curriculum_start == 0:
+        if d.block_curriculum_warmup_steps or d.block_curriculum_decay_steps:
+            raise MegadiffError("config keys 'diffusion.block_curriculum_warmup_steps/decay_steps' act only with "
+                                "diffusion.block_curriculum_start > 0 (the first block size); set it or remove them")
+        return
+    if d.block_curriculum_warmup_steps + d.block_curriculum_decay_steps > cfg.trainer.max_steps:
+        raise MegadiffError(f"config keys 'diffusion.block_curriculum_warmup_steps' + '..._decay_steps' = "
+                            f"{d.block_curriculum_warmup_steps} + {d.block_curriculum_decay_steps} exceed "
+                            f"trainer.max_steps={cfg.trainer.max_steps}; shorten them or train longer")
 
 
 def check_batch_layout(cfg: Any, dp: int) -> int:

@@ -194,7 +194,8 @@ def test_masked_runs_refuse_backends_without_masks():
 
 @pytest.mark.slow
 def test_masks_at_tp2_and_pp2(tmp_path):
-    """BD3-LM over packed documents through the real train step: TP=2 and PP=2 equal TP=1 (2 gloo ranks)."""
+    """BD3-LM over packed documents, and annealed attention over packed documents, through the real train step:
+    TP=2 and PP=2 equal TP=1 (2 gloo ranks)."""
     import json
     import subprocess
     import sys
@@ -212,3 +213,7 @@ def test_masks_at_tp2_and_pp2(tmp_path):
     assert res["unmasked_loss_rel"] > 1e-4, res  # documents change the loss (float noise ~1e-7)
     assert res["tp2_logits_rel"] < 1e-5 and res["tp2_loss_rel"] < 1e-5
     assert res["pp2_loss_rel"] < 1e-5 and res["pp2_grad_rel"] < 1e-4
+    # attention-mask annealing (mdlm, packed documents, step 2 of 8): the same on every TP rank and PP stage
+    assert res["anneal_unmasked_loss_rel"] > 1e-4, res
+    assert res["anneal_tp2_logits_rel"] < 1e-5 and res["anneal_tp2_loss_rel"] < 1e-5
+    assert res["anneal_pp2_loss_rel"] < 1e-5 and res["anneal_pp2_grad_rel"] < 1e-4

@@ -20,6 +20,7 @@ import torch
 from megadiff import MegadiffError
 from megadiff.convert.keymap import Heads, arch_map, hf_to_megatron, megatron_to_hf
 from megadiff.diffusion.catalog import OBJECTIVES
+from megadiff.diffusion.curricula import annealing_readme, annealing_record
 from megadiff.diffusion.shift import parameterisation_readme, parameterisation_record
 
 MASK_TOKEN = "[MASK]"
@@ -143,6 +144,10 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
     if traits.block_diffusion:
         conf.megadiff_block_size = int(ck.cfg.diffusion.block_size)
     conf.megadiff_parameterisation = parameterisation_record(ck.cfg.diffusion)  # objective, shift, options
+    annealing = annealing_record(ck.cfg.diffusion, int(ck.meta.get("step") or 0)) \
+        if "anneal_steps" in traits.options else None
+    if annealing is not None:
+        conf.megadiff_annealing = annealing  # anneal_steps, steps trained, fraction of the upper triangle open
     tok_path = Path(vocab["tokenizer_path"] or "")
     if not tok_path.is_file():
         raise MegadiffError(f"tokenizer {tok_path} of {ck.path} not found; pass --data-dir")
@@ -169,6 +174,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, data_dir: str | No
                 **{k: vocab[k] for k in ("mask_id", "vocab_size", "eos_id", "pad_id", "bos_id")})
                 + "\n## Parameterisation (`megadiff_parameterisation` in `config.json`)\n\n"
                 + parameterisation_readme(ck.cfg.diffusion)
+                + (annealing_readme(annealing) if annealing is not None else "")
                 + (BLOCK_CARD.format(block_size=conf.megadiff_block_size) if traits.block_diffusion else ""))
     except FileExistsError as e:
         raise MegadiffError(f"{e} (or pass --overwrite)") from None

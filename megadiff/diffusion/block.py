@@ -28,6 +28,11 @@ Conventions (the identities tested in tests/test_bd3lm.py):
   too (from [MASK] alone), and the prediction of x_l read at position l (the [MASK] slot), not at l-1.
   Its expectation over t is the same sum (int_0^1 w(t) (1 - alpha(t)) dt = 1).
 
+Block-size curriculum (``diffusion.block_curriculum_*``, LLaDA 2.0's warmup-stable-decay over the block
+size, ``megadiff.diffusion.curricula``): the training step uses ``with_block_size(B_step)``, the same
+objective with the step's block size (and so the step's attention layout); validation, evaluation and
+sampling use ``diffusion.block_size``, where the curriculum ends.
+
 Reductions as in ``objectives``: loss_sum is a SUM over masked positions of w(t_k) CE, tokens = B * L.
 """
 
@@ -98,6 +103,13 @@ class BD3LM(Objective):
         validation noise starts (t at mask probability eps, ``Schedule.t_at_mask_prob``)."""
         return BD3LM(self.schedule, self.mask_id, self.vocab_size, block_size=self.block_size,
                      eps=self.schedule.t_at_mask_prob(self.eps), mask_rate_min=0.0, mask_rate_max=1.0)
+
+    def with_block_size(self, block_size: int) -> BD3LM:
+        """This objective with another block size (one step of the block-size curriculum)."""
+        if block_size == self.block_size:
+            return self
+        return BD3LM(self.schedule, self.mask_id, self.vocab_size, block_size=block_size, eps=self.eps,
+                     mask_rate_min=self.rate_min, mask_rate_max=self.rate_max)
 
     def _clip(self, tk: torch.Tensor) -> torch.Tensor:
         if not self.clipped:

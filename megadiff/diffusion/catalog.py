@@ -23,6 +23,7 @@ class ObjectiveTraits:
     val_is_bound: bool = True  # the validation value upper-bounds the NLL (printed as "ppl <=")
     train_loss_is_val_metric: bool = True  # its training loss estimates the validation metric itself
     options: tuple = ()  # the diffusion.* config keys (beyond the common ones) this objective reads
+    # (anneal_steps: the bidirectional objectives on plain sequences; the trainer applies it to the attention)
     stacks_rows: bool = False  # prepare may stack several inputs per sample along the batch (2x/3x rows)
     absorbing: bool = True  # [MASK]-only forward process: the SAMPLERS and elbo.evaluate_nelbo apply to it
     block_diffusion: bool = False  # BD3-LM: takes diffusion.block_size; model input [x_t ‖ x_0] (2L tokens)
@@ -30,25 +31,26 @@ class ObjectiveTraits:
 
 OBJECTIVES: Registry = Registry("objective")
 OBJECTIVES.declare("mdlm", "megadiff.diffusion.objectives", ObjectiveTraits(
-    "masked diffusion (MDLM, continuous-time NELBO)"))
+    "masked diffusion (MDLM, continuous-time NELBO)", options=("anneal_steps",)))
 OBJECTIVES.declare("llada", "megadiff.diffusion.objectives", ObjectiveTraits(
-    "masked diffusion (LLaDA, 1/p_mask-weighted loss)", train_loss_is_val_metric=False))
+    "masked diffusion (LLaDA, 1/p_mask-weighted loss)", train_loss_is_val_metric=False, options=("anneal_steps",)))
 OBJECTIVES.declare("ar", "megadiff.diffusion.objectives", ObjectiveTraits(
     "autoregressive (next token)", is_autoregressive=True, needs_causal_mask=True, val_metric="nll",
     val_is_bound=False))
 OBJECTIVES.declare("mdlm_adapt", "megadiff.diffusion.hybrid", ObjectiveTraits(
     "masked diffusion (MDLM NELBO) with AR-adaptation options: shift (position i predicts i+1), "
-    "complementary masks", options=("shift", "complementary"), stacks_rows=True))
+    "complementary masks", options=("shift", "complementary", "anneal_steps"), stacks_rows=True))
 OBJECTIVES.declare("ar_mdlm", "megadiff.diffusion.hybrid", ObjectiveTraits(
     "joint autoregressive + shifted masked-diffusion loss (causal model)", is_autoregressive=True,
     needs_causal_mask=True, val_metric="nll", val_is_bound=False, train_loss_is_val_metric=False,
     options=("ar_weight", "diffusion_weight", "complementary"), stacks_rows=True))
 OBJECTIVES.declare("gidd", "megadiff.diffusion.uniform", ObjectiveTraits(
     "interpolating mask + uniform noise (GIDD; uniform_fraction=1: uniform diffusion), continuous-time NELBO",
-    options=("uniform_fraction",), absorbing=False))
+    options=("uniform_fraction", "anneal_steps"), absorbing=False))
 OBJECTIVES.declare("bd3lm", "megadiff.diffusion.block", ObjectiveTraits(
     "block diffusion (BD3-LM, block NELBO)", block_diffusion=True,
-    options=("block_size", "mask_rate_min", "mask_rate_max")))
+    options=("block_size", "mask_rate_min", "mask_rate_max", "block_curriculum_start",
+             "block_curriculum_warmup_steps", "block_curriculum_decay_steps")))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Schedules over training steps for adapting AR models (issue 13 items 1 and 3): pure functions of the
-step (and a seed), so a resumed run sees exactly what an uninterrupted one saw. Not wired into the
-model yet: they wait for mask-aware attention and block diffusion.
+step (and a seed), so a resumed run sees exactly what an uninterrupted one saw. Wired into training by
+``megadiff.train.step`` (config keys ``diffusion.anneal_steps`` and ``diffusion.block_curriculum_*``, see
+docs/diffusion.md); validation and sampling use neither (full bidirectional attention, the run's
+``diffusion.block_size``).
 
 * Attention-mask annealing (DiffuLLaMA): at 0-based step s the causal mask opens a fraction
   ``anneal_ratio(s, anneal_steps) = min(1, (s + 1) / anneal_steps)`` of the upper triangle; each
@@ -16,12 +18,20 @@ model yet: they wait for mask-aware attention and block diffusion.
   down to ``end`` (equal steps per stage). Every size divides L (L / start and L / end are powers of 2).
 
       B = block_size_at(step, total_steps, L, start=1, end=32, warmup_steps=..., decay_steps=...)
+      cur = block_curriculum(cfg.diffusion, cfg.trainer.max_steps, L)   # None when off; B = cur.size_at(step, L)
+
+* What an export states (``annealing_record``): anneal_steps, the steps trained and the fraction of the
+  upper triangle open in the last of them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 
+from megadiff import MegadiffError
 from megadiff.diffusion.noise import _key, _to_unit, mix32
 
 _S_ANNEAL = 0x2F9BE6CD
@@ -86,3 +96,62 @@ def block_size_at(step: int, total_steps: int, seq_len: int, *, start: int, end:
     if step < decay_from:
         return seq_len
     return _stage(_stages_below(end, seq_len)[::-1], step - decay_from, decay_steps)
+
+
+@dataclass(frozen=True)
+class BlockCurriculum:
+    """The block curriculum of a run: ``diffusion.block_curriculum_*``, ending at ``diffusion.block_size``
+    after ``trainer.max_steps`` steps."""
+
+    start: int
+    end: int
+    warmup_steps: int
+    decay_steps: int
+    total_steps: int
+
+    def size_at(self, step: int, seq_len: int) -> int:
+        return block_size_at(step, self.total_steps, seq_len, start=self.start, end=self.end,
+                             warmup_steps=self.warmup_steps, decay_steps=self.decay_steps)
+
+
+def block_curriculum(cfg_diffusion: Any, total_steps: int, seq_len: int) -> Optional[BlockCurriculum]:
+    """The run's curriculum (None when ``diffusion.block_curriculum_start`` is 0), checked against the
+    training sequence length: a bad value is a MegadiffError naming the config keys."""
+    d = cfg_diffusion
+    start = int(getattr(d, "block_curriculum_start", 0) or 0)
+    if start == 0:
+        return None
+    cur = BlockCurriculum(start, int(d.block_size), int(d.block_curriculum_warmup_steps),
+                          int(d.block_curriculum_decay_steps), int(total_steps))
+    try:
+        cur.size_at(0, seq_len)
+    except ValueError as e:
+        raise MegadiffError(
+            f"block curriculum: {e} (start = diffusion.block_curriculum_start={cur.start}, end = "
+            f"diffusion.block_size={cur.end}, warmup_steps = diffusion.block_curriculum_warmup_steps="
+            f"{cur.warmup_steps}, decay_steps = diffusion.block_curriculum_decay_steps={cur.decay_steps}, "
+            f"total_steps = trainer.max_steps={cur.total_steps}, seq_len = the training data's {seq_len}); "
+            f"pick start and block_size with seq_len / size a power of two (e.g. 4 and 16 for seq_len 64) and "
+            f"warmup + decay <= max_steps") from None
+    return cur
+
+
+def annealing_record(cfg_diffusion: Any, steps_done: int) -> Optional[dict]:
+    """What an export states about attention-mask annealing after ``steps_done`` training steps (None when
+    the run does not anneal): the last step trained (0-based steps_done - 1) had a fraction
+    min(1, steps_done / anneal_steps) of the upper triangle open; 0 before any step (the causal start)."""
+    n = int(getattr(cfg_diffusion, "anneal_steps", 0) or 0)
+    if n <= 0:
+        return None
+    done = max(0, int(steps_done))
+    return {"anneal_steps": n, "steps_trained": done, "fraction_open": min(1.0, done / n), "complete": done >= n}
+
+
+def annealing_readme(rec: dict) -> str:
+    """Markdown lines for an exported model's README stating its annealing state."""
+    state = ("complete: the last steps trained with full bidirectional attention" if rec["complete"] else
+             f"**incomplete**: the last step trained with the causal mask plus {rec['fraction_open']:.1%} of "
+             f"the upper triangle (a random share, redrawn each step); full bidirectional attention, as "
+             f"`config.json` states, is what it is being adapted toward")
+    return (f"- Attention-mask annealing (DiffuLLaMA): `diffusion.anneal_steps={rec['anneal_steps']}`, "
+            f"{rec['steps_trained']} steps trained; {state} (`megadiff_annealing` in `config.json`)\n")

@@ -15,7 +15,8 @@ is [s, b, heads*head_dim] of this TP rank) and call a fused kernel:
 * ``te``    — transformer-engine's ``TEDotProductAttention`` (mask type ``no_mask``), if installed
   (registered by ``megadiff/model/te_attention.py``, imported only when chosen).
   Document masks on this path are megatron's packed THD format (``masks.packed_seq_params``: the
-  batch flattened to one row with ``cu_seqlens``); BD3-LM masks are not expressible there.
+  batch flattened to one row with ``cu_seqlens``); BD3-LM masks and annealed masks (an arbitrary
+  [S, S] permission) are not expressible there: such runs refuse te (``resolve_backend``).
 
 Names and traits (package, CUDA only, masks, CPU backward, preference of ``auto``) are declared in
 ``megadiff/model/catalog.py``. ``auto`` picks the usable backend with the highest preference: te > flash >
@@ -88,7 +89,7 @@ def _sdpa(q, k, v, mask: Optional[AttentionMask], causal: bool, dropout: float, 
     if mask is not None and mask.kv_cache is not None:
         # the current tokens see the whole cached prefix, and each other by the mask's rule
         prefix = k.shape[2] - q.shape[2]
-        inner = AttentionMask(mask.seq_len, mask.segment_ids, mask.block_size, mask.block_causal)
+        inner = AttentionMask(mask.seq_len, mask.segment_ids, mask.block_size, mask.block_causal, allow=mask.allow)
         attn = None if inner.trivial and not causal else mask.dense(causal, q.device, prefix)
         is_causal = False
     elif mask is not None and not mask.trivial:
@@ -157,6 +158,7 @@ def flex_block_mask(mask: AttentionMask, causal: bool, device):
     if key not in mask._memo:
         if mask.segment_ids is not None:
             mask.segment_ids = mask.segment_ids.to(device)
+        mask._to(device)
         B = mask.segment_ids.shape[0] if mask.segment_ids is not None else None
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -222,8 +224,8 @@ def resolve_backend(name: str, device: str, masked: bool = False) -> str:
         return max(ok, key=lambda n: ATTENTION_BACKENDS.traits(n).auto_rank)
     tr = ATTENTION_BACKENDS.traits(name)  # unknown name -> error listing the allowed ones
     if masked and not tr.masks:
-        raise MegadiffError(f"model.attention_backend={name} cannot apply document/block masks; "
-                            "use flex (GPU), sdpa or auto")
+        raise MegadiffError(f"model.attention_backend={name} cannot apply attention masks (document masks, "
+                            "block diffusion, attention-mask annealing); use flex (GPU), sdpa or auto")
     if tr.package is not None and importlib.util.find_spec(tr.package) is None:
         raise MegadiffError(f"model.attention_backend={name} but {tr.package} is not installed; use sdpa or auto")
     if tr.cuda_only and device != "cuda":

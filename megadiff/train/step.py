@@ -10,6 +10,12 @@ the model and hands its output back to the objective's loss. Two loss paths (``t
 * ``logits``: full-vocab logits on every position and TP rank, ``objective.loss`` on them (the
   reference path: simpler, far more memory; tests check the two agree).
 
+Step curricula (``megadiff.diffusion.curricula``; functions of the step, the same on every TP/PP/DP rank
+and after a resume): with ``anneal_steps`` the model attends through the step's annealed mask (causal +
+a growing random share of the upper triangle) until it is all open; with ``block_curriculum`` the
+block-diffusion objective (and so the attention layout) takes the step's block size. Validation builds
+its StepContext without either.
+
 Losses are SUMS with a token count
 (megatron's ``calculate_per_token_loss``), so gradient accumulation and data parallelism give
 exactly the full-global-batch gradient whatever the layout.
@@ -18,11 +24,12 @@ exactly the full-global-batch gradient whatever the layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megadiff.diffusion.curricula import BlockCurriculum, anneal_ratio, annealed_attention
 from megadiff.diffusion.noise import make_noise, random_length
 from megadiff.model.loss_head import hidden_states_out, linear_cross_entropy
 from megadiff.model.masks import step_attention
@@ -40,6 +47,22 @@ class StepContext:
     document_mask: bool = False  # data.document_mask: attention inside each packed document
     reset_position_ids: bool = False  # model.reset_position_ids
     loss_path: str = "fused"  # fused | logits (see the module docstring)
+    anneal_steps: int = 0  # diffusion.anneal_steps: attention-mask annealing over the first steps (0: off)
+    block_curriculum: Optional[BlockCurriculum] = None  # block-size curriculum of a block-diffusion objective
+
+
+def step_objective(sc: StepContext, step: int, seq_len: int):
+    """The objective of this step: the block curriculum's block size when there is one."""
+    if sc.block_curriculum is None:
+        return sc.objective
+    return sc.objective.with_block_size(sc.block_curriculum.size_at(step, seq_len))
+
+
+def step_allow(sc: StepContext, step: int, seq_len: int, device) -> Optional[torch.Tensor]:
+    """[L, L] annealed attention of this step, or None once annealing is complete (or off)."""
+    if sc.anneal_steps <= 0 or anneal_ratio(step, sc.anneal_steps) >= 1.0:
+        return None
+    return annealed_attention(sc.noise_seed, step, seq_len, sc.anneal_steps, device=device)
 
 
 def make_forward_step(sc: StepContext, step: int):
@@ -50,18 +73,19 @@ def make_forward_step(sc: StepContext, step: int):
         eps = dc.eps if sc.t_min is None else sc.t_min
         noise = make_noise(sc.noise_seed, step, mb["sample_ids"], x0.shape[1], eps=eps,
                            antithetic=dc.antithetic, global_batch=sc.global_batch, device=x0.device)
-        model_input, aux = sc.objective.prepare(x0, noise)
-        pos, mask = step_attention(sc.objective, x0, model_input, mb.get("segment_ids"), sc.document_mask,
-                                   sc.reset_position_ids)
-        if sc.loss_path == "fused" and sc.objective.has_loss_rows:
+        objective = step_objective(sc, step, x0.shape[1])
+        model_input, aux = objective.prepare(x0, noise)
+        pos, mask = step_attention(objective, x0, model_input, mb.get("segment_ids"), sc.document_mask,
+                                   sc.reset_position_ids, allow=step_allow(sc, step, x0.shape[1], x0.device))
+        if sc.loss_path == "fused" and objective.has_loss_rows:
             with hidden_states_out(model) as head:
                 output = model(model_input, pos, mask)
         else:
             output, head = model(model_input, pos, mask), None
 
         def loss_func(output):
-            lo = fused_loss(sc.objective, output, head["weight"], x0, aux) if head is not None \
-                else sc.objective.loss(output, x0, aux)
+            lo = fused_loss(objective, output, head["weight"], x0, aux) if head is not None \
+                else objective.loss(output, x0, aux)
             tokens = lo.tokens.to(torch.int) if torch.is_tensor(lo.tokens) else torch.tensor(lo.tokens, dtype=torch.int)
             report = torch.stack([lo.loss_sum.detach().float(), tokens.float().to(lo.loss_sum.device)])
             return lo.loss_sum, tokens.to(lo.loss_sum.device), {"lm": report}

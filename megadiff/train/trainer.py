@@ -29,6 +29,7 @@ from megadiff.train.step import StepContext, global_sum, run_forward_backward, s
 class Trainer:
     def __init__(self, cfg: Any, callbacks: list[cb.Callback] | None = None):
         from megadiff.data.loader import GlobalBatchLoader, ShardDataset, check_compat, limit_unique_tokens
+        from megadiff.diffusion.curricula import block_curriculum
         from megadiff.diffusion.objectives import make_objective
         from megadiff.diffusion.schedules import make_schedule
         from megadiff.dist.parallel import init_parallel
@@ -77,7 +78,8 @@ class Trainer:
         built = build_model(cfg.model, self.info.vocab_size, causal=causal, tp=pc.tp, pp=pc.pp, pg_collection=ctx.pg,
                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                             device=ctx.device.type, dtype=dtype, sequence_parallel=pc.sequence_parallel,
-                            masked=bool(cfg.data.document_mask or cfg.diffusion.block_size))
+                            masked=bool(cfg.data.document_mask or cfg.diffusion.block_size
+                                        or cfg.diffusion.anneal_steps))
         self.built = built
         if ctx.rank == 0:
             from megadiff.model.build import describe_fusions
@@ -97,7 +99,8 @@ class Trainer:
         self.objective = make_objective(cfg.diffusion, self.schedule, self.info.mask_id, self.info.vocab_size)
         self.sc = StepContext(self.objective, cfg.diffusion, tc.global_batch, noise_seed=cfg.diffusion.seed,
                               document_mask=cfg.data.document_mask, reset_position_ids=cfg.model.reset_position_ids,
-                              loss_path=tc.loss_path)
+                              loss_path=tc.loss_path, anneal_steps=cfg.diffusion.anneal_steps,
+                              block_curriculum=block_curriculum(cfg.diffusion, tc.max_steps, self.seq_len))
 
         # accounting
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
