@@ -251,6 +251,23 @@ def test_config_options_reach_the_objective():
     assert make_objective(cfg.diffusion, LogLinear(), MASK, VOC).uniform_fraction == 1.0
 
 
+@pytest.mark.parametrize("name,complementary", [(n, c) for n in sorted(OBJECTIVES.names()) for c in (False, True)
+                                                 if not c or "complementary" in OBJECTIVES.traits(n).options])
+def test_rows_per_sample_is_what_prepare_stacks(name, complementary):
+    """The trainer's FLOPs accounting multiplies by rows_per_sample: it must equal prepare's model rows / B."""
+    over = [f"diffusion.objective={name}"] + (["diffusion.complementary=true"] if complementary else [])
+    if name == "bd3lm":
+        over.append("diffusion.block_size=4")
+    cfg = load_config("configs/tiny_cpu.yaml", over)
+    obj = make_objective(cfg.diffusion, LogLinear(), MASK, VOC)
+    B, L = 3, 8
+    x0 = torch.randint(0, MASK, (B, L))
+    model_input, _ = obj.prepare(x0, make_noise(0, 1, torch.arange(B), L, global_batch=B))
+    assert model_input.shape[0] == obj.rows_per_sample * B
+    assert (obj.rows_per_sample > 1) == (complementary or name == "ar_mdlm")
+    assert (obj.rows_per_sample > 1) <= OBJECTIVES.traits(name).stacks_rows
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["diffusion.shift=true"], "diffusion.shift' acts only with diffusion.objective in mdlm_adapt"),
     (["diffusion.objective=gidd", "diffusion.complementary=true"], "diffusion.complementary"),

@@ -99,6 +99,10 @@ class MDLMAdapt(Objective):
         self.shift = bool(_opt(cfg, shift, "shift", False))
         self.complementary = bool(_opt(cfg, complementary, "complementary", False))
 
+    @property
+    def rows_per_sample(self) -> int:
+        return 2 if self.complementary else 1
+
     def for_validation(self) -> Objective:
         """The same bound with one mask per sequence (the complement only reduces training variance)."""
         if not self.complementary:
@@ -130,6 +134,10 @@ class ARMDLM(Objective):
         if self.ar_weight < 0 or self.diffusion_weight < 0 or self.ar_weight + self.diffusion_weight <= 0:
             raise ValueError(f"ar_mdlm weights must be >= 0 and not both 0, got ar_weight={self.ar_weight}, "
                              f"diffusion_weight={self.diffusion_weight}")
+
+    @property
+    def rows_per_sample(self) -> int:
+        return 3 if self.complementary else 2
 
     def for_validation(self) -> Objective:
         """The exact next-token NLL of the (causal) model."""

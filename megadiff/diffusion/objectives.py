@@ -92,6 +92,12 @@ class Objective:
         its training loss is not that metric (llada's 1/p_mask weighting is no bound for most schedules)."""
         return self
 
+    @property
+    def rows_per_sample(self) -> int:
+        """Model input rows that ``prepare`` makes per sample (>1 for objectives that stack copies of the batch,
+        trait ``stacks_rows``): the trainer's FLOPs accounting multiplies by it."""
+        return 1
+
     def prepare(self, x0: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 

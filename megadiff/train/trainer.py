@@ -106,6 +106,7 @@ class Trainer:
         self.flops_tok = flops_per_token(built.shape, built.padded_vocab_size, self.seq_len, causal=causal)
         if self.objective.traits.block_diffusion:  # the model reads [x_t ‖ x_0]: 2 positions per data token
             self.flops_tok = 2 * flops_per_token(built.shape, built.padded_vocab_size, 2 * self.seq_len, causal=causal)
+        self.flops_tok *= self.objective.rows_per_sample  # stacked rows (complementary masks, AR + diffusion)
         peak = tc.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name()) if ctx.device.type == "cuda" else 0)
         self.peak_tflops = float(peak or 0.0)
         self.max_steps = tc.max_steps
