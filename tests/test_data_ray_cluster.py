@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,9 @@ import pytest
 
 from data_pipelines.pipeline import run_pipeline
 from megadiff.config import load_config
+from megadiff.utils.net import free_ports
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def node_args(temp: str, resource: str) -> list[str]:

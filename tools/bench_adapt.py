@@ -81,8 +81,8 @@ def main() -> None:
     if not (data1 / "manifest.json").is_file():
         cli("data", "tokenize", demo, f"data.out_dir={data1}", "--no-progress", log=log)
     if not (ar / "metrics.jsonl").is_file():
-        cli("train", demo, *nproc, "diffusion.objective=ar", f"data.out_dir={data1}", f"trainer.run_dir={ar}",
-            f"trainer.max_steps={a.ar_steps}", f"trainer.eval_interval={a.ar_steps}", *quiet, log=log)
+        cli("train", demo, "diffusion.objective=ar", f"data.out_dir={data1}", f"trainer.run_dir={ar}",
+            f"trainer.max_steps={a.ar_steps}", f"trainer.eval_interval={a.ar_steps}", *quiet, *nproc, log=log)
     if not hf.is_dir():
         cli("convert", "to-hf", str(ar), str(hf), log=log)
     if not base.is_dir():
@@ -123,7 +123,7 @@ def main() -> None:
             else:
                 run.mkdir()
             print(f"{name}:", flush=True)
-            cli("train", str(base / "config.yaml"), *nproc, *common, *recipe, *keys, f"trainer.run_dir={run}", log=log)
+            cli("train", str(base / "config.yaml"), *common, *recipe, *keys, f"trainer.run_dir={run}", *nproc, log=log)
         out = run / "eval.json"
         if not out.is_file():
             cli("eval", str(run), "--data", f"{data2}:valid", "--batches", "8", "--batch-size", "16", "--n-t", "8",

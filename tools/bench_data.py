@@ -136,23 +136,13 @@ def run_child(cfg: Path, work: Path, kill_when: int | None = None,
     return wall, (json.loads(out_json.read_text()) if kill_when is None else None)
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @contextlib.contextmanager
 def running_cluster(cpus: int):
     """A one-node Ray cluster started with `ray start --head` (Ray's defaults, no dashboard, own ports and temp
     dir); yields its address; stopped by process ids (never `ray stop`, which would stop other users' Ray)."""
     tmp = tempfile.mkdtemp(prefix="mdbh-", dir="/tmp")
+    from megadiff.utils.net import free_ports
+
     p = free_ports(7)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     try:

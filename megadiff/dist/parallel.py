@@ -8,7 +8,6 @@ applies the CPU shim when there is no GPU, builds megatron's TP/PP/DP groups and
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +43,6 @@ class ParallelContext:
     @property
     def layout(self) -> str:
         return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pick_device(pref: str) -> torch.device:

@@ -51,9 +51,9 @@ def spawn_workers(args) -> int:
 
     world = args.nproc_per_node * args.nnodes
     if args.master_port is None:
-        from megadiff.dist.parallel import _free_port
+        from megadiff.utils.net import free_port
 
-        args.master_port = 29500 if args.nnodes > 1 else _free_port()
+        args.master_port = 29500 if args.nnodes > 1 else free_port()
     procs = []
     for local in range(args.nproc_per_node):
         rank = args.node_rank * args.nproc_per_node + local
