@@ -41,12 +41,15 @@ def _hf_parity(ckpt: Path, hf_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from megadiff.checkpoint.inference import load_for_inference
+    from megadiff.diffusion.shift import is_shifted, unshift
 
     im = load_for_inference(ckpt, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     x = torch.randint(0, im.info.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got = im.model_fn(x), hf(x).logits
+        if is_shifted(im.cfg.diffusion):  # the export keeps the AR alignment (output i predicts token i+1);
+            got = unshift(got)  # megadiff's inference model_fn realigns it, so compare the realigned logits
         y = x.clone()
         y[:, -1] = (y[:, -1] + 1) % im.info.vocab_size
         changed = (hf(y).logits[:, 0] - got[:, 0]).abs().max()
