@@ -51,6 +51,7 @@ from megadiff.data.format import (
 )
 from megadiff.data.tokenizer import tokenizer_file_name
 from megadiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from megadiff.utils.procs import kill_marked
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -101,18 +102,49 @@ def ray_session(num_workers: int) -> Iterator[None]:
             ray.shutdown()
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    root = os.environ.get("MEGADIFF_RAY_TMP", "/tmp")
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="mdray-", dir=root)  # short path: Ray's socket paths must fit 107 bytes
-    # Ray starts task workers at niceness 15 (below its own daemons); in a cluster of our own the workers
-    # are the job, so they run at MEGADIFF_RAY_WORKER_NICENESS (default 0, like any process we start)
-    ray.init(num_cpus=num_workers, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
-             log_to_driver=False, _system_config={"worker_niceness": worker_niceness()})
+    tmp = _start_private_ray(num_workers)
     try:
         yield
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_private_ray(num_workers: int, attempts: int = 2) -> str:
+    """Start a one-node Ray of ``num_workers`` CPUs in a fresh temp dir (returned).
+
+    Ray gives its raylet a fixed 30 s to register; on an overloaded machine it can miss that. Then the
+    half-started processes (found by the temp dir in their command line) are killed and Ray is started
+    once more before a clear error.
+    """
+    import ray
+
+    root = os.environ.get("MEGADIFF_RAY_TMP", "/tmp")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        tmp = tempfile.mkdtemp(prefix="mdray-", dir=root)  # short path: Ray's socket paths must fit 107 bytes
+        try:
+            # Ray starts task workers at niceness 15 (below its own daemons); in a cluster of our own the
+            # workers are the job, so they run at MEGADIFF_RAY_WORKER_NICENESS (default 0)
+            ray.init(num_cpus=num_workers, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+                     log_to_driver=False, _system_config={"worker_niceness": worker_niceness()})
+            return tmp
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            kill_marked(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            load = os.getloadavg()[0]
+            if attempt == attempts:
+                raise MegadiffError(
+                    f"Ray's local node did not start within Ray's 30 s, {attempts} times (load average {load:.1f} on "
+                    f"{os.cpu_count()} CPUs: the machine is overloaded). Rerun when it is quieter, or start a cluster "
+                    "yourself (`ray start --head --num-cpus N`) and set RAY_ADDRESS to join it") from None
+            print(f"[megadiff data] Ray's local node did not start in 30 s (load average {load:.1f}); starting it "
+                  "again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
 
 
 def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str, float]:

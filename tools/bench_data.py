@@ -12,7 +12,8 @@ written as jsonl files of ~4 MB (>= 25 MB in all).
   3. the driver: its CPU time vs the tasks' total, and its peak RSS at two corpus sizes;
   4. resume: the pipeline killed (SIGKILL, driver and Ray) when half the partitions are scanned,
      then rerun: the rerun's wall time vs a full run;
-  5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core.
+  5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core;
+  6. (--large F) 1 worker and the raw tokenizer on a corpus F times larger: the fixed costs amortised.
 
 The raw tokenizer runs before and after the pipelines (a fresh tokenizer each time); ratios use the faster
 of the two (the ceiling). The machine's load average is printed before and after: other jobs on the
@@ -39,6 +40,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from megadiff.utils.net import free_ports  # noqa: E402
+from megadiff.utils.procs import kill_marked  # noqa: E402
 
 
 def build_corpus(work: Path, mb: float) -> tuple[list[Path], float]:
@@ -98,14 +102,6 @@ def write_cfg(path: Path, files: list[Path], out: Path, tok: Path, workers: int,
     return path
 
 
-def kill_marked(marker: str) -> None:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(int(pid), signal.SIGKILL)
-
-
 def run_child(cfg: Path, work: Path, kill_when: int | None = None,
               env_extra: dict[str, str] | None = None) -> tuple[float, dict | None]:
     """Whole-process wall time of one pipeline run (and its metrics); with ``kill_when``, SIGKILL it
@@ -141,8 +137,6 @@ def running_cluster(cpus: int):
     """A one-node Ray cluster started with `ray start --head` (Ray's defaults, no dashboard, own ports and temp
     dir); yields its address; stopped by process ids (never `ray stop`, which would stop other users' Ray)."""
     tmp = tempfile.mkdtemp(prefix="mdbh-", dir="/tmp")
-    from megadiff.utils.net import free_ports
-
     p = free_ports(7)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     try:
@@ -165,6 +159,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--large", type=float, default=2.0,
+                    help="also run 1 worker on a corpus this many times --mb (raw tokenizer measured on it too); 0 = skip")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -189,7 +185,7 @@ def main() -> None:
     tok = load_tokenizer(tok_path)
 
     # 1. raw tokenizer, one core, same documents and chunking as the pipeline (again at the end)
-    def raw_rate() -> tuple[int, float]:
+    def raw_rate(files: list[Path] = files) -> tuple[int, float]:
         tok = load_tokenizer(tok_path)
         texts = [normalize(d) for f in files for d in read_documents(str(f), "auto", "text", "file")]
         pieces = [p for t in texts for p in _chunks(t)]
@@ -213,6 +209,12 @@ def main() -> None:
                                    work, env_extra={"RAY_ADDRESS": address})
     runs["w1nice"] = run_child(write_cfg(work / "w1nice.yaml", files, work / "w1nice", tok_path, 1, args.seq_len), work,
                                env_extra={"MEGADIFF_RAY_WORKER_NICENESS": "15"})
+    if args.large > 0:  # fixed costs (Python, Ray start-up and shutdown) amortised over a larger corpus
+        (work / "large").mkdir(exist_ok=True)
+        big_files, big_mb = build_corpus(work / "large", args.mb * args.large)
+        n_big, big_raw_s = raw_rate(big_files)
+        runs["w1large"] = run_child(write_cfg(work / "w1large.yaml", big_files, work / "w1large", tok_path, 1,
+                                              args.seq_len), work)
 
     # 4. resume: kill when half the partitions are scanned, rerun
     rcfg = write_cfg(work / "resume.yaml", files, work / "resume", tok_path, 2, args.seq_len)
@@ -252,14 +254,22 @@ def main() -> None:
         wall, m = runs[key]
         print(f"| pipeline, {what} | {m['tokens']:,} | {wall:.2f} | {m['tokens'] / wall:,.0f} | "
               f"{m['tokens'] / wall / raw:.2f}x raw | |")
+    if args.large > 0:
+        wall, m = runs["w1large"]
+        print(f"| raw `tokenizers`, 1 core, {big_mb:.0f} MB corpus | {n_big:,} | {big_raw_s:.2f} | {n_big / big_raw_s:,.0f}"
+              f" | | |")
+        print(f"| pipeline, 1 worker, whole process, {big_mb:.0f} MB corpus | {m['tokens']:,} | {wall:.2f} | "
+              f"{m['tokens'] / wall:,.0f} | {m['tokens'] / wall / (n_big / big_raw_s):.2f}x raw on that corpus | >= 0.85x |")
     print(f"| scaling 2 workers vs 1 | | | | {r2 / r1:.2f}x | >= 1.7x (idle machine) |")
     for name, (wall, m) in (("1 worker", runs["w1"]), ("2 workers", runs["w2"]),
                             ("1 worker, half corpus", runs["w1half"]),
-                            ("1 worker, joining a running cluster", runs["w1join"])):
+                            ("1 worker, joining a running cluster", runs["w1join"]),
+                            *([(f"1 worker, {args.large:g}x corpus", runs["w1large"])] if args.large > 0 else [])):
         print(f"| driver CPU / tasks' CPU, {name} | | {wall:.2f} | | {m['driver_cpu_s']:.2f} s / "
               f"{m['task_cpu_s']:.2f} s = {m['driver_cpu_s'] / m['task_cpu_s']:.1%} | <= 5% |")
+    big_rss = f", {args.large:g}x corpus {runs['w1large'][1]['driver_maxrss_mb']:.0f} MB" if args.large > 0 else ""
     print(f"| driver peak RSS: full corpus {w1['driver_maxrss_mb']:.0f} MB, half corpus {h['driver_maxrss_mb']:.0f} MB"
-          f" | | | | {w1['driver_maxrss_mb'] / h['driver_maxrss_mb']:.2f}x for 2x the corpus | independent |")
+          f"{big_rss} | | | | {w1['driver_maxrss_mb'] / h['driver_maxrss_mb']:.2f}x for 2x the corpus | independent |")
     print(f"| resume after SIGKILL at half the scans, 2 workers | | {resume_wall:.2f} | | {resume_wall / w2_wall:.2f}x "
           f"the full run (tasks rerun {resume_m['computed']}) | <= 0.6x |")
     print(f"| loader (ShardDataset + GlobalBatchLoader, G=64, mb=8), 1 core | {n_ld:,} | 3.00 | {ld_rate:,.0f} | | |")
