@@ -202,10 +202,10 @@ def test_masks_at_tp2_and_pp2(tmp_path):
 
     from conftest import ENV, ROOT
 
-    from megadiff.dist.parallel import _free_port
+    from megadiff.utils.net import free_port
 
     out = tmp_path / "checks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(ROOT / "tests" / "dist_mask_checks.py"), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]

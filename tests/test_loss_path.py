@@ -62,10 +62,10 @@ def run_variants(spec: dict, tmp_path, nproc: int) -> list[list[dict]]:
     script = str(ROOT / "tools" / "mem_probe.py")
     cmd = [sys.executable, script, json.dumps(spec), str(tmp_path / "o.json")]
     if nproc > 1:
-        from megadiff.dist.parallel import _free_port
+        from megadiff.utils.net import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", *cmd[1:]]
+               f"--master-port={free_port()}", *cmd[1:]]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return [torch.load(tmp_path / f"g.rank{r}", weights_only=True) for r in range(nproc)]

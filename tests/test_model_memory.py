@@ -26,10 +26,10 @@ pytestmark = pytest.mark.slow
 def probe(spec: dict, out, nproc: int = 1) -> list[dict]:
     script = str(ROOT / "tools" / "mem_probe.py")
     if nproc > 1:
-        from megadiff.dist.parallel import _free_port
+        from megadiff.utils.net import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", script, json.dumps(spec), str(out)]
+               f"--master-port={free_port()}", script, json.dumps(spec), str(out)]
     else:
         cmd = [sys.executable, script, json.dumps(spec), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "checks.json"
-    from megadiff.dist.parallel import _free_port
+    from megadiff.utils.net import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(ROOT / "tests" / "dist_checks.py"), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
