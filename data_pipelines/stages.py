@@ -226,7 +226,9 @@ class Packer:
         L, n = self.seq_len, len(flat)
         st = np.asarray([x for x in self.starts if x < n], dtype=np.int64)
         self.starts = [x - n for x in self.starts if x >= n]
-        per = [np.union1d([0], st[(st >= j * L) & (st < (j + 1) * L)] - j * L) for j in range(n // L)]
+        pos = np.unique(np.concatenate([np.arange(n // L, dtype=np.int64) * L, st]))  # each sample's 0 too
+        sample = pos // L
+        per = np.split(pos - sample * L, np.searchsorted(sample, np.arange(1, n // L)))
         self.emit(flat.reshape(-1, L), pad, per)
 
 

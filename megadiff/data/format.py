@@ -72,20 +72,52 @@ def npy_header(dtype: str, seq_len: int) -> bytes:
     return buf.getvalue()[: -seq_len * np.dtype(dtype).itemsize]
 
 
+# USTAR header of a member with the fixed metadata above (what tarfile writes for it), the name and the
+# checksum left to fill in: mode 0644, uid/gid 0, mtime 0, regular file, empty uname/gname, magic "ustar\0" "00",
+# device numbers empty
+_BLOCK, _RECORD = 512, 20 * 512  # tarfile's BLOCKSIZE and RECORDSIZE (the archive is padded to a record)
+_CHKSUM = slice(148, 156)
+
+
+def _ustar_template(size: int) -> bytearray:
+    h = bytearray(_BLOCK)
+    for at, field in ((100, b"0000644\0"), (108, b"0000000\0"), (116, b"0000000\0"), (124, b"%011o\0" % size),
+                      (136, b"00000000000\0"), (148, b" " * 8), (156, b"0"), (257, b"ustar\x0000")):
+        h[at : at + len(field)] = field
+    return h
+
+
 def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
-    """Serialize ``samples`` [n, seq_len] (already in the token dtype) as one deterministic tar."""
+    """Serialize ``samples`` [n, seq_len] (already in the token dtype) as one deterministic tar.
+
+    Byte for byte what ``tarfile`` (USTAR, the fixed metadata above) writes for members
+    ``<sample_key>.npy``, built with numpy: each record is a 512-byte header (only the name and checksum
+    differ between samples) and the .npy payload padded to 512 bytes; then two zero blocks and zeros up
+    to a multiple of 10240 bytes (tests/test_data_format_tar.py compares with ``tarfile``).
+    """
     if samples.ndim != 2:
         raise ValueError(f"samples must be [n, seq_len], got shape {samples.shape}")
-    header = npy_header(samples.dtype.name, samples.shape[1])
-    samples = np.ascontiguousarray(samples)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for j in range(samples.shape[0]):
-            payload = header + samples[j].tobytes()
-            ti = tarfile.TarInfo(f"{sample_key(shard_file, j)}.npy")
-            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
-            tar.addfile(ti, io.BytesIO(payload))
-    return out.getvalue()
+    n = samples.shape[0]
+    head = np.frombuffer(npy_header(samples.dtype.name, samples.shape[1]), np.uint8)
+    body = np.ascontiguousarray(samples).view(np.uint8).reshape(n, -1)
+    size = len(head) + body.shape[1]
+    rec = _BLOCK + -(-size // _BLOCK) * _BLOCK
+    end = n * rec + 2 * _BLOCK
+    out = np.zeros(end + (-end) % _RECORD, np.uint8)
+    recs = out[: n * rec].reshape(n, rec)
+    template = _ustar_template(size)
+    recs[:, :_BLOCK] = np.frombuffer(bytes(template), np.uint8)
+    recs[:, _BLOCK : _BLOCK + len(head)] = head
+    recs[:, _BLOCK + len(head) : _BLOCK + size] = body
+    base = sum(template)
+    stem = Path(shard_file).name.removesuffix(".tar")
+    for j in range(n):
+        name = f"{stem}-{j:06d}.npy".encode()
+        if len(name) > 100:
+            raise ValueError(f"sample name {name!r} is longer than USTAR's 100 bytes; use a shorter shard name")
+        recs[j, : len(name)] = np.frombuffer(name, np.uint8)
+        recs[j, _CHKSUM] = np.frombuffer(b"%06o\0 " % (base + sum(name)), np.uint8)
+    return out.tobytes()
 
 
 def docs_name(shard_file: str) -> str:

@@ -1,0 +1,51 @@
+"""shard_bytes builds its tar with numpy; it must equal, byte for byte, what Python's ``tarfile`` writes for
+the same members (the reference), and read back with ``tarfile`` to the samples."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from megadiff.data.format import sample_key, shard_bytes
+
+
+def tarfile_shard(shard_file: str, samples: np.ndarray) -> bytes:
+    """The reference: ``tarfile`` (USTAR) with the format's fixed member metadata."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros(samples.shape[1], samples.dtype), version=(1, 0), allow_pickle=False)
+    header = buf.getvalue()[: -samples.shape[1] * samples.dtype.itemsize]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for j in range(samples.shape[0]):
+            payload = header + samples[j].tobytes()
+            ti = tarfile.TarInfo(f"{sample_key(shard_file, j)}.npy")
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
+            tar.addfile(ti, io.BytesIO(payload))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name,n,seq_len,dtype", [
+    ("train-000000.tar", 1, 8, "uint16"),            # payload not a multiple of 512
+    ("train-000003-0002.tar", 7, 512, "uint16"),      # a pipeline partition's shard; 1152-byte payloads
+    ("valid-000012-0000.tar", 3, 100, "uint32"),
+    ("train-000001.tar", 20, 192, "uint16"),          # payload exactly 512 bytes; archive past one record
+    ("/some/dir/train-000002.tar", 45, 64, "uint32"),  # a path: members are named by the file's stem
+])
+def test_shard_bytes_equals_tarfile(name, n, seq_len, dtype):
+    rng = np.random.default_rng(n * seq_len)
+    samples = rng.integers(0, np.iinfo(dtype).max, size=(n, seq_len), dtype=np.int64).astype(dtype)
+    got = shard_bytes(name, samples)
+    assert got == tarfile_shard(name, samples)
+    with tarfile.open(fileobj=io.BytesIO(got), mode="r:") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [f"{sample_key(name, j)}.npy" for j in range(n)]
+        for j, m in enumerate(members):
+            np.testing.assert_array_equal(np.load(io.BytesIO(tar.extractfile(m).read())), samples[j])
+
+
+def test_shard_bytes_refuses_a_name_too_long_for_ustar():
+    with pytest.raises(ValueError, match="longer than USTAR"):
+        shard_bytes("x" * 120 + ".tar", np.zeros((1, 4), np.uint16))
