@@ -12,7 +12,7 @@ import pytest
 from megadiff.data.format import sample_key, shard_bytes
 
 
-def tarfile_shard(shard_file: str, samples: np.ndarray) -> bytes:
+def tarfile_shard(shard_file: str, samples: np.ndarray, mode: int = 0o644) -> bytes:
     """The reference: ``tarfile`` (USTAR) with the format's fixed member metadata."""
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.zeros(samples.shape[1], samples.dtype), version=(1, 0), allow_pickle=False)
@@ -22,7 +22,7 @@ def tarfile_shard(shard_file: str, samples: np.ndarray) -> bytes:
         for j in range(samples.shape[0]):
             payload = header + samples[j].tobytes()
             ti = tarfile.TarInfo(f"{sample_key(shard_file, j)}.npy")
-            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, mode, 0, 0, "", ""
             tar.addfile(ti, io.BytesIO(payload))
     return out.getvalue()
 
@@ -49,3 +49,47 @@ def test_shard_bytes_equals_tarfile(name, n, seq_len, dtype):
 def test_shard_bytes_refuses_a_name_too_long_for_ustar():
     with pytest.raises(ValueError, match="longer than USTAR"):
         shard_bytes("x" * 120 + ".tar", np.zeros((1, 4), np.uint16))
+
+
+def tarfile_offsets(path, expected: int) -> np.ndarray:
+    """The reference index: ``tarfile`` member by member (-1 for a wrong name, and after an unreadable header)."""
+    out = np.full(expected, -1, dtype=np.int64)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for j, ti in enumerate(tar):
+                if j < expected and ti.name == f"{sample_key(str(path), j)}.npy":
+                    out[j] = ti.offset_data
+    except tarfile.TarError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("damage", ["none", "payload", "name", "checksum", "size", "truncated", "foreign"])
+def test_index_shard_matches_tarfile_on_good_and_damaged_shards(tmp_path, damage):
+    """The in-place (numpy) index of a shard equals tarfile's reading of it; a damaged header makes it fall
+    back to tarfile, so the damaged member and those after it are found exactly as before."""
+    from megadiff.data.format import _index_fixed_layout, index_shard
+
+    rng = np.random.default_rng(1)
+    samples = rng.integers(0, 50000, size=(12, 300), dtype=np.int64).astype(np.uint16)
+    path = tmp_path / "train-000004-0001.tar"
+    data = bytearray(shard_bytes(path.name, samples))
+    rec = 512 + 1024  # 128-byte npy header + 600 bytes, padded
+    if damage == "payload":
+        data[5 * rec + 700] ^= 0xFF
+    elif damage == "name":
+        data[5 * rec + 3] ^= 0x01
+    elif damage == "checksum":
+        data[5 * rec + 150] = ord("9")
+    elif damage == "size":
+        data[5 * rec + 130] = ord("7")
+    elif damage == "truncated":
+        data = data[: 7 * rec + 40]
+    elif damage == "foreign":  # a valid tar, written by tarfile with another owner: not our fixed layout
+        data = bytearray(tarfile_shard(path.name, samples, mode=0o600))
+    path.write_bytes(bytes(data))
+    got = index_shard(path, len(samples))
+    np.testing.assert_array_equal(got, tarfile_offsets(path, len(samples)))
+    assert (_index_fixed_layout(path, len(samples)) is not None) == (damage in ("none", "payload"))
+    first_bad = {"name": 5, "checksum": 5, "size": 5, "truncated": 7}.get(damage, len(samples))
+    assert (got[:first_bad] >= 0).all() and (got[first_bad:] == -1).all()

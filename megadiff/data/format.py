@@ -305,8 +305,46 @@ def index_shard(path: str | os.PathLike, expected: int) -> np.ndarray:
     """Offsets of the .npy payloads of a shard's samples, in member order.
 
     Members whose header is unreadable or whose name is not the expected key get offset -1
-    (a truncated or corrupt tail gives -1 for every sample after the damage).
+    (a truncated or corrupt tail gives -1 for every sample after the damage). A shard laid out as
+    shard_bytes writes it is checked in place with numpy (every header's name, size, type and checksum);
+    anything else is read member by member with ``tarfile``.
     """
+    fast = _index_fixed_layout(path, expected)
+    return fast if fast is not None else _index_tarfile(path, expected)
+
+
+def _index_fixed_layout(path: str | os.PathLike, expected: int) -> np.ndarray | None:
+    """The offsets if all ``expected`` members are the same size, back to back, with the exact headers
+    shard_bytes writes (checksums verified); None otherwise (the caller falls back to tarfile)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(_BLOCK)
+            size = int(first[124:135], 8)
+            rec = _BLOCK + -(-size // _BLOCK) * _BLOCK
+            f.seek(0)
+            raw = np.fromfile(f, np.uint8, count=expected * rec)
+    except (OSError, ValueError):
+        return None
+    if expected == 0 or len(raw) < expected * rec:
+        return None
+    heads = raw.reshape(expected, rec)[:, :_BLOCK]
+    stem = Path(path).name.removesuffix(".tar")
+    names = b"".join(f"{stem}-{j:06d}.npy".encode().ljust(100, b"\0") for j in range(expected))
+    if len(names) != 100 * expected:  # a name over 100 bytes: not what shard_bytes writes
+        return None
+    template = np.frombuffer(bytes(_ustar_template(size)), np.uint8)
+    digits = heads[:, 148:154].astype(np.int64) - ord("0")
+    stored = digits @ (8 ** np.arange(5, -1, -1))
+    computed = heads.sum(axis=1, dtype=np.int64) - heads[:, _CHKSUM].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    ok = (np.array_equal(heads[:, :100], np.frombuffer(names, np.uint8).reshape(expected, 100))
+          and np.array_equal(heads[:, 100:148], np.broadcast_to(template[100:148], (expected, 48)))
+          and np.array_equal(heads[:, 156:], np.broadcast_to(template[156:], (expected, _BLOCK - 156)))
+          and bool(((digits >= 0) & (digits < 8)).all()) and np.array_equal(stored, computed)
+          and bool((heads[:, 154] == 0).all()) and bool((heads[:, 155] == ord(" ")).all()))
+    return np.arange(expected, dtype=np.int64) * rec + _BLOCK if ok else None
+
+
+def _index_tarfile(path: str | os.PathLike, expected: int) -> np.ndarray:
     offsets = np.full(expected, -1, dtype=np.int64)
     try:
         with tarfile.open(path, mode="r:") as tar:

@@ -51,7 +51,8 @@ _SKIP = "or set data.skip_corrupt=true (ShardDataset(skip_corrupt=True)) to skip
 class ShardDataset:
     """One split of a dataset directory: ``len(ds)`` samples, ``ds[i]`` -> int64 [seq_len]."""
 
-    MAX_OPEN = 64  # memory maps kept open (LRU)
+    MAX_OPEN = 64  # memory maps kept open (LRU) at least; more when the open-file limit allows (see __init__)
+    MAX_DOCS = 4096  # document-starts arrays kept (a few KB each)
 
     def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = False, skip_corrupt: bool = False):
         self.path = Path(path)
@@ -87,6 +88,10 @@ class ShardDataset:
         self._nbytes = self.seq_len * self.dtype.itemsize
         self._offsets: dict[int, np.ndarray] = {}
         self._docs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._has_segments = all("docs" in sh for sh in self.shards)
+        # each map holds a file descriptor: up to a quarter of the soft open-file limit (random reads over
+        # many shards would otherwise reopen a shard for most samples)
+        self._max_maps = max(self.MAX_OPEN, min(4096, _open_file_limit() // 4))
         self._maps: collections.OrderedDict[int, tuple[mmap.mmap, int]] = collections.OrderedDict()
 
     @property
@@ -120,7 +125,7 @@ class ShardDataset:
     @property
     def has_segments(self) -> bool:
         """Whether every shard records where its samples' documents start (format version >= 2)."""
-        return all("docs" in sh for sh in self.shards)
+        return self._has_segments
 
     def segment_ids(self, i: int) -> np.ndarray:
         """int64 [seq_len]: document index within sample ``i`` (0-based) at every position."""
@@ -129,7 +134,7 @@ class ShardDataset:
                                 f"megadiff); re-run `megadiff data tokenize` to add them")
         k = int(np.searchsorted(self.cum, i % len(self), side="right")) - 1
         if k not in self._docs:
-            if len(self._docs) >= self.MAX_OPEN:
+            if len(self._docs) >= self.MAX_DOCS:
                 self._docs.pop(next(iter(self._docs)))
             self._docs[k] = read_docs(self.path / self.shards[k]["docs"]["file"], self.shards[k]["samples"])
         indptr, starts = self._docs[k]
@@ -168,7 +173,7 @@ class ShardDataset:
             size = os.fstat(f.fileno()).st_size
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else mmap.mmap(-1, 1)
         self._maps[k] = (mm, size)
-        if len(self._maps) > self.MAX_OPEN:
+        if len(self._maps) > self._max_maps:
             self._maps.popitem(last=False)  # the map closes when its last view is gone
         return mm, size
 
@@ -177,6 +182,12 @@ class ShardDataset:
         for r, i in enumerate(indices):
             out[r] = self[int(i)]
         return out
+
+
+def _open_file_limit() -> int:
+    import resource
+
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _quotas(weights: Sequence[float], total: int) -> list[int]:
