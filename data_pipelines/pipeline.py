@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -110,6 +111,24 @@ def ray_session(num_workers: int) -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _quiet_token_auth_notice() -> Iterator[None]:
+    """Ray (2.5x+) announces on every local start that it turned token authentication on by default; for a
+    private cluster that is what we want, so the notice is dropped (a warning that auth is *off* still shows)."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    f = _DropTokenAuthNotice()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 def _start_private_ray(num_workers: int, attempts: int = 2) -> str:
     """Start a one-node Ray of ``num_workers`` CPUs in a fresh temp dir (returned).
 
@@ -126,8 +145,9 @@ def _start_private_ray(num_workers: int, attempts: int = 2) -> str:
         try:
             # Ray starts task workers at niceness 15 (below its own daemons); in a cluster of our own the
             # workers are the job, so they run at MEGADIFF_RAY_WORKER_NICENESS (default 0)
-            ray.init(num_cpus=num_workers, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
-                     log_to_driver=False, _system_config={"worker_niceness": worker_niceness()})
+            with _quiet_token_auth_notice():
+                ray.init(num_cpus=num_workers, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+                         log_to_driver=False, _system_config={"worker_niceness": worker_niceness()})
             return tmp
         except Exception as e:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(e):
@@ -392,10 +412,13 @@ def _finish(out: Path, pl: _Plan, manifest: dict[str, Any], tok_file: str) -> No
     """Remove stale shards and the intermediate files; keep the pack records; write the manifest last."""
     keep = {f for s in manifest["splits"].values() for sh in s["shards"] for f in (sh["file"], docs_name(sh["file"]))}
     keep.add(tok_file)
+    ours = r"(train|valid)-\d{6}(-\d{4})?\.(tar|docs\.npy)|tokenizer-[0-9a-f]{8}\.json"
     for p in list(out.glob("*.tar")) + list(out.glob("*.docs.npy")) + list(out.glob("tokenizer-*.json")):
-        if p.name not in keep and re.fullmatch(r"(train|valid)-\d{6}(-\d{4})?\.(tar|docs\.npy)|tokenizer-[0-9a-f]{8}\.json",
-                                               p.name):
+        if p.name not in keep and re.fullmatch(ours, p.name):
             p.unlink()  # left by an earlier run with another config
+    for p in out.glob(".*.tmp"):  # a write cut short by a kill (megadiff.utils.io.atomic_output_file's temp names)
+        if re.fullmatch(rf"\.({ours}|{re.escape(MANIFEST_NAME)})\.[A-Za-z0-9_]+\.tmp", p.name):
+            p.unlink()
     atomic_write_json(pl.work / "dedup.json", {"fingerprint": pl.cluster_fp, "stats": manifest["dedup"]})
     packs = {record_path(pl.work, "pack", i).name for i in range(len(pl.parts))} | {"dedup.json"}
     for p in pl.work.iterdir():

@@ -218,7 +218,6 @@ def main() -> None:
 
     from data_pipelines.tokenizer import build_tokenizer
     from megadiff.config import load_config
-    from megadiff.data.loader import GlobalBatchLoader, ShardDataset
     from megadiff.data.tokenizer import load_tokenizer, to_bytes
 
     print(f"load average before: {os.getloadavg()}")
@@ -267,14 +266,9 @@ def main() -> None:
                       if p.is_file())
 
     # 5. loader: the first 3 s (each shard indexed on first use) and the next 3 s
-    ds = ShardDataset(work / "w1", "train")
-    ld = GlobalBatchLoader([ds], None, 64, 8, 0, 1, seed=0)
-    ld_rates = []
-    for _ in range(2):
-        t0, n_ld = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 3.0:
-            n_ld += sum(int(b["tokens"].numel()) for b in ld.next_global())
-        ld_rates.append(n_ld / (time.perf_counter() - t0))
+    from bench_shards import loader_rates  # tools/ is this script's directory
+
+    ld_rates = loader_rates(str(work / "w1"))
 
     med = statistics.median
     tokens = rounds[-1]["w1"][1]["tokens"]
