@@ -51,7 +51,7 @@ from megadiff.data.format import (
     write_manifest,
 )
 from megadiff.data.tokenizer import tokenizer_file_name
-from megadiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from megadiff.utils.io import atomic_temp_target, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from megadiff.utils.procs import kill_marked
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -133,8 +133,8 @@ def _start_private_ray(num_workers: int, attempts: int = 2) -> str:
     """Start a one-node Ray of ``num_workers`` CPUs in a fresh temp dir (returned).
 
     Ray gives its raylet a fixed 30 s to register; on an overloaded machine it can miss that. Then the
-    half-started processes (found by the temp dir in their command line) are killed and Ray is started
-    once more before a clear error.
+    half-started processes (found by the temp dir: kill_marked) are killed and Ray is started once more
+    before a clear error.
     """
     import ray
 
@@ -164,7 +164,6 @@ def _start_private_ray(num_workers: int, attempts: int = 2) -> str:
             print(f"[megadiff data] Ray's local node did not start in 30 s (load average {load:.1f}); starting it "
                   "again", file=sys.stderr)
     raise AssertionError("unreachable")
-
 
 
 def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str, float]:
@@ -416,8 +415,9 @@ def _finish(out: Path, pl: _Plan, manifest: dict[str, Any], tok_file: str) -> No
     for p in list(out.glob("*.tar")) + list(out.glob("*.docs.npy")) + list(out.glob("tokenizer-*.json")):
         if p.name not in keep and re.fullmatch(ours, p.name):
             p.unlink()  # left by an earlier run with another config
-    for p in out.glob(".*.tmp"):  # a write cut short by a kill (megadiff.utils.io.atomic_output_file's temp names)
-        if re.fullmatch(rf"\.({ours}|{re.escape(MANIFEST_NAME)})\.[A-Za-z0-9_]+\.tmp", p.name):
+    for p in out.glob(".*.tmp"):  # a write cut short by a kill
+        target = atomic_temp_target(p.name)
+        if target is not None and (re.fullmatch(ours, target) or target == MANIFEST_NAME):
             p.unlink()
     atomic_write_json(pl.work / "dedup.json", {"fingerprint": pl.cluster_fp, "stats": manifest["dedup"]})
     packs = {record_path(pl.work, "pack", i).name for i in range(len(pl.parts))} | {"dedup.json"}

@@ -279,3 +279,20 @@ def test_fsspec_urls_and_globs(tmp_path):
     parts = plan_partitions(0, paths[0], "auto", 500)
     assert len(parts) > 2 and [d for p in parts for d in read_partition(p, "text", "file")] == texts
     assert resolve_paths([f"file://{tmp_path}/*.jsonl"]) == [str(tmp_path / "r.jsonl")]
+
+
+def test_atomic_temp_target_names_what_a_cut_short_write_was_for(tmp_path):
+    """The temp file or dir an atomic write makes (its real mkstemp/mkdtemp name, seen while the write is
+    open) maps back to its destination; other names do not."""
+    from megadiff.utils.io import atomic_output_dir, atomic_output_file, atomic_temp_target
+
+    seen = []
+    for opener, name in ((atomic_output_file, "train-000001-0002.tar"), (atomic_output_dir, "step_00000010")):
+        with pytest.raises(RuntimeError):
+            with opener(tmp_path / name):
+                seen += os.listdir(tmp_path)
+                raise RuntimeError("cut short")
+    assert [atomic_temp_target(n) for n in seen] == ["train-000001-0002.tar", "step_00000010"]
+    assert os.listdir(tmp_path) == []  # the failed writes removed their temp files
+    for other in ("train-000001-0002.tar", ".hidden", ".x.tmp", "notes.tmp", ".a.b"):
+        assert atomic_temp_target(other) is None

@@ -62,7 +62,21 @@ def shard_name(split: str, index: int, partition: int | None = None) -> str:
 def sample_key(shard_file: str, j: int) -> str:
     """webdataset key of sample j in a shard: the shard's stem + ``-<j:06d>`` (no dots: the extension
     starts at the first dot)."""
-    return f"{Path(shard_file).name.removesuffix('.tar')}-{j:06d}"
+    return _key(_stem(shard_file), j)
+
+
+def _stem(shard_file: str | os.PathLike) -> str:
+    return Path(shard_file).name.removesuffix(".tar")
+
+
+def _key(stem: str, j: int) -> str:
+    return f"{stem}-{j:06d}"
+
+
+def _member_names(shard_file: str | os.PathLike, n: int) -> list[bytes]:
+    """Tar member names ``<sample_key>.npy`` of the first ``n`` samples of a shard."""
+    stem = _stem(shard_file)
+    return [f"{_key(stem, j)}.npy".encode() for j in range(n)]
 
 
 def npy_header(dtype: str, seq_len: int) -> bytes:
@@ -87,6 +101,11 @@ def _ustar_template(size: int) -> bytearray:
     return h
 
 
+def _record_bytes(size: int) -> int:
+    """Bytes of one member: its header block and its payload padded to whole blocks."""
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
 def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     """Serialize ``samples`` [n, seq_len] (already in the token dtype) as one deterministic tar.
 
@@ -101,7 +120,7 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     head = np.frombuffer(npy_header(samples.dtype.name, samples.shape[1]), np.uint8)
     body = np.ascontiguousarray(samples).view(np.uint8).reshape(n, -1)
     size = len(head) + body.shape[1]
-    rec = _BLOCK + -(-size // _BLOCK) * _BLOCK
+    rec = _record_bytes(size)
     end = n * rec + 2 * _BLOCK
     out = np.zeros(end + (-end) % _RECORD, np.uint8)
     recs = out[: n * rec].reshape(n, rec)
@@ -110,9 +129,7 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     recs[:, _BLOCK : _BLOCK + len(head)] = head
     recs[:, _BLOCK + len(head) : _BLOCK + size] = body
     base = sum(template)
-    stem = Path(shard_file).name.removesuffix(".tar")
-    for j in range(n):
-        name = f"{stem}-{j:06d}.npy".encode()
+    for j, name in enumerate(_member_names(shard_file, n)):
         if len(name) > 100:
             raise ValueError(f"sample name {name!r} is longer than USTAR's 100 bytes; use a shorter shard name")
         recs[j, : len(name)] = np.frombuffer(name, np.uint8)
@@ -122,7 +139,7 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
 
 def docs_name(shard_file: str) -> str:
     """The document-starts file of a shard: ``<stem>.docs.npy`` beside it (not a tar member)."""
-    return f"{Path(shard_file).name.removesuffix('.tar')}.docs.npy"
+    return f"{_stem(shard_file)}.docs.npy"
 
 
 def docs_bytes(starts: list[np.ndarray]) -> bytes:
@@ -320,7 +337,7 @@ def _index_fixed_layout(path: str | os.PathLike, expected: int) -> np.ndarray | 
         with open(path, "rb") as f:
             first = f.read(_BLOCK)
             size = int(first[124:135], 8)
-            rec = _BLOCK + -(-size // _BLOCK) * _BLOCK
+            rec = _record_bytes(size)
             f.seek(0)
             raw = np.fromfile(f, np.uint8, count=expected * rec)
     except (OSError, ValueError):
@@ -328,8 +345,7 @@ def _index_fixed_layout(path: str | os.PathLike, expected: int) -> np.ndarray | 
     if expected == 0 or len(raw) < expected * rec:
         return None
     heads = raw.reshape(expected, rec)[:, :_BLOCK]
-    stem = Path(path).name.removesuffix(".tar")
-    names = b"".join(f"{stem}-{j:06d}.npy".encode().ljust(100, b"\0") for j in range(expected))
+    names = b"".join(name.ljust(100, b"\0") for name in _member_names(path, expected))
     if len(names) != 100 * expected:  # a name over 100 bytes: not what shard_bytes writes
         return None
     template = np.frombuffer(bytes(_ustar_template(size)), np.uint8)

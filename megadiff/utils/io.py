@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,18 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _temp_beside(path: Path) -> dict[str, Any]:
+    """mkstemp/mkdtemp arguments for the temp file or dir of ``path``: ``.<name>.<random>.tmp`` beside it."""
+    return {"prefix": f".{path.name}.", "suffix": ".tmp", "dir": path.parent}
+
+
+def atomic_temp_target(name: str) -> str | None:
+    """The file name a temp file ``name`` of atomic_output_file / atomic_output_dir was to become (a write
+    cut short by a kill leaves it), or None when ``name`` is not such a temp name."""
+    m = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]+\.tmp", name)
+    return m.group(1) if m else None
 
 
 def _umask() -> int:
@@ -52,7 +65,7 @@ def atomic_output_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[An
     """Open a temp file next to ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temp_beside(path))
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an ordinary write honours the umask
         with os.fdopen(fd, mode) as f:
@@ -77,7 +90,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; remove it or choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(**_temp_beside(path)))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
