@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -77,6 +77,15 @@ class PipelineResult:
     seconds: float
     docs: int
     tokens: int
+    node_addresses: dict[str, str] = field(default_factory=dict)  # Ray node id -> the node's IP address
+
+    def tasks_per_address(self) -> dict[str, int]:
+        """Tasks run per node IP address (the node id where the address is unknown)."""
+        out: dict[str, int] = {}
+        for node, n in self.nodes.items():
+            a = self.node_addresses.get(node, node)
+            out[a] = out.get(a, 0) + n
+        return dict(sorted(out.items()))
 
 
 def worker_niceness() -> int:
@@ -179,8 +188,8 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
               bar: Any = None, tally: dict[str, Any] | None = None) -> list[Any]:
     """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
 
-    ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``) and sums their CPU seconds
-    (``tally["task_cpu_s"]``). A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
+    ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``), keeps each node's IP address
+    (``tally["addresses"]``) and sums the tasks' CPU seconds (``tally["task_cpu_s"]``). A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
     written atomically and has its record), so a rerun continues from them.
     """
     import ray
@@ -189,7 +198,10 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
     task = ray.remote(num_cpus=1, max_retries=2)(_on_node)
     # spread the tasks over the cluster's nodes in turn (soft: a busy or lost node's task runs elsewhere);
     # Ray's default packs short tasks onto the driver's node first
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1)
+    alive = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+    nodes = sorted(n["NodeID"] for n in alive)
+    if tally is not None:
+        tally.setdefault("addresses", {}).update({n["NodeID"]: n.get("NodeManagerAddress", "") for n in alive})
     pending: dict[Any, int] = {}
     results: dict[int, Any] = {}
     nxt = 0
@@ -356,7 +368,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
     n_docs = sum(s["docs_out"] for s in manifest["sources"].values())
     n_tok = sum(s["tokens"] for s in manifest["sources"].values())
     return PipelineResult(out, manifest, counts["computed"], counts["skipped"], counts["nodes"], counts["task_cpu_s"],
-                          time.perf_counter() - t0, n_docs, n_tok)
+                          time.perf_counter() - t0, n_docs, n_tok, counts.get("addresses", {}))
 
 
 def _drop_manifest(out: Path) -> None:
@@ -458,3 +470,5 @@ def print_summary(res: PipelineResult, console: Any = None) -> None:
         f"{res.tokens / el:,.0f} tokens/s); dedup: {dd['exact_removed']:,} exact, {dd['near_removed']:,} near "
         f"({dd['near_clusters']:,} clusters); tasks run {res.computed}, skipped (record verified) {res.skipped}"
     )
+    if res.nodes:  # one line a script can read: which nodes ran the tasks
+        console.print(f"tasks per node: {json.dumps(res.tasks_per_address())}", highlight=False, soft_wrap=True)
