@@ -19,7 +19,7 @@ from data_pipelines.filters import apply_filters, build_filters
 from data_pipelines.records import record_path, write_record
 from data_pipelines.sources import Partition, normalize, read_partition
 from megadiff import MegadiffError
-from megadiff.data.format import SPLITS, docs_bytes, docs_name, shard_bytes, shard_entry, shard_name
+from megadiff.data.format import SPLITS, docs_bytes_csr, docs_name, shard_bytes, shard_entry, shard_name
 from megadiff.utils.io import atomic_write_bytes, sha256_bytes
 
 # "x\ny" with x, y not whitespace: after that newline is always a pre-token boundary of GPT-2-style
@@ -191,8 +191,8 @@ def cluster_stage(bucket_files: list[str], work: str, fingerprint: str) -> dict[
 
 class Packer:
     """Concatenate-and-chunk documents into [seq_len] samples; hands each full shard to
-    ``emit(samples, pad, starts)`` where ``starts[j]`` are the positions in sample j where a segment
-    (a document, or the padding tail) begins, 0 always included."""
+    ``emit(samples, pad, (indptr, starts))`` where ``starts[indptr[j]:indptr[j + 1]]`` are the positions in
+    sample j where a segment (a document, or the padding tail) begins, 0 always included."""
 
     def __init__(self, seq_len: int, per_shard: int, dtype: str, pad_id: int, emit: Callable[..., None]):
         self.seq_len, self.per_shard, self.dtype, self.pad_id, self.emit = seq_len, per_shard, dtype, pad_id, emit
@@ -228,8 +228,8 @@ class Packer:
         self.starts = [x - n for x in self.starts if x >= n]
         pos = np.unique(np.concatenate([np.arange(n // L, dtype=np.int64) * L, st]))  # each sample's 0 too
         sample = pos // L
-        per = np.split(pos - sample * L, np.searchsorted(sample, np.arange(1, n // L)))
-        self.emit(flat.reshape(-1, L), pad, per)
+        indptr = np.searchsorted(sample, np.arange(n // L + 1))  # sample j's starts: pos[indptr[j]:indptr[j + 1]]
+        self.emit(flat.reshape(-1, L), pad, (indptr, pos - sample * L))
 
 
 @dataclass
@@ -253,11 +253,11 @@ def pack_partition(i: int, params: dict[str, Any], out: str, work: str, drops_fi
     files: dict[str, Path] = {}
 
     def writer(split: str) -> Callable[..., None]:
-        def emit(samples: np.ndarray, pad: int, starts: list[np.ndarray]) -> None:
+        def emit(samples: np.ndarray, pad: int, starts: tuple[np.ndarray, np.ndarray]) -> None:
             st = splits[split]
             name = shard_name(split, len(st.shards), i)
             data = shard_bytes(name, np.ascontiguousarray(samples, dtype=dtype))
-            docs = docs_bytes(starts)
+            docs = docs_bytes_csr(*starts)
             atomic_write_bytes(od / docs_name(name), docs)
             atomic_write_bytes(od / name, data)
             files[name], files[docs_name(name)] = od / name, od / docs_name(name)

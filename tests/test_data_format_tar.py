@@ -33,6 +33,7 @@ def tarfile_shard(shard_file: str, samples: np.ndarray, mode: int = 0o644) -> by
     ("valid-000012-0000.tar", 3, 100, "uint32"),
     ("train-000001.tar", 20, 192, "uint16"),          # payload exactly 512 bytes; archive past one record
     ("/some/dir/train-000002.tar", 45, 64, "uint32"),  # a path: members are named by the file's stem
+    ("train-000009-0001.tar", 1234, 4, "uint16"),     # four digits of the sample number vary
 ])
 def test_shard_bytes_equals_tarfile(name, n, seq_len, dtype):
     rng = np.random.default_rng(n * seq_len)
@@ -44,6 +45,20 @@ def test_shard_bytes_equals_tarfile(name, n, seq_len, dtype):
         assert [m.name for m in members] == [f"{sample_key(name, j)}.npy" for j in range(n)]
         for j, m in enumerate(members):
             np.testing.assert_array_equal(np.load(io.BytesIO(tar.extractfile(m).read())), samples[j])
+
+
+def test_member_name_array_equals_the_names_also_past_six_digits():
+    """The numpy-built member names are the format's names (``_member_names``, f-strings), NUL-padded to
+    the longest; past 10**6 samples the sample number takes a seventh digit."""
+    from megadiff.data.format import _member_name_array, _member_names
+
+    for name, n in (("valid-000012-0000.tar", 3), ("/d/train-000001.tar", 12345), ("train-000000.tar", 10**6 + 3)):
+        got = _member_name_array(name, n)
+        ref = _member_names(name, n)
+        for j in (0, 1, n // 2, n - 2, n - 1):
+            assert bytes(got[j]).rstrip(b"\0") == ref[j]
+        assert got.shape == (n, max(map(len, ref)))
+    assert bytes(got[10**6 - 1]) == b"train-000000-999999.npy\0" and bytes(got[10**6]) == b"train-000000-1000000.npy"
 
 
 def test_shard_bytes_refuses_a_name_too_long_for_ustar():

@@ -253,7 +253,7 @@ def test_packer_records_where_each_document_starts():
         pk.add(d)
     pk.finish()
     samples = np.concatenate([s for s, _, _ in out])
-    starts = [x for _, _, st in out for x in st]
+    starts = [pos[ip[j] : ip[j + 1]] for _, _, (ip, pos) in out for j in range(len(ip) - 1)]
     pad = out[-1][1]
     assert pad == (-lengths.sum()) % L and [len(s) for s, _, _ in out[:-1]] == [per] * (len(out) - 1)
     doc_of = np.concatenate([np.repeat(np.arange(len(docs)), lengths), np.full(pad, len(docs))])

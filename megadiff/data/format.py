@@ -79,6 +79,26 @@ def _member_names(shard_file: str | os.PathLike, n: int) -> list[bytes]:
     return [f"{_key(stem, j)}.npy".encode() for j in range(n)]
 
 
+def _member_name_array(shard_file: str | os.PathLike, n: int) -> np.ndarray:
+    """``_member_names`` as a [n, longest] uint8 array, NUL-padded like a tar header's name field; the
+    sample numbers' six digits are written with numpy (one name at a time only past 10**6 samples)."""
+    first = _member_names(shard_file, 1)[0]
+    prefix, tail = first[:-10], first[-4:]
+    if n > 10**6 or first != prefix + b"000000" + tail:
+        names = _member_names(shard_file, n)
+        out = np.zeros((n, max(map(len, names), default=0)), np.uint8)
+        for j, name in enumerate(names):
+            out[j, : len(name)] = np.frombuffer(name, np.uint8)
+        return out
+    out = np.empty((n, len(first)), np.uint8)
+    out[:, : len(prefix)] = np.frombuffer(prefix, np.uint8)
+    j = np.arange(n)
+    for k in range(6):
+        out[:, len(prefix) + 5 - k] = 48 + (j // 10**k) % 10
+    out[:, -len(tail) :] = np.frombuffer(tail, np.uint8)
+    return out
+
+
 def npy_header(dtype: str, seq_len: int) -> bytes:
     """The exact .npy header (magic + version + dict + padding) of one sample."""
     buf = io.BytesIO()
@@ -128,12 +148,14 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     recs[:, :_BLOCK] = np.frombuffer(bytes(template), np.uint8)
     recs[:, _BLOCK : _BLOCK + len(head)] = head
     recs[:, _BLOCK + len(head) : _BLOCK + size] = body
-    base = sum(template)
-    for j, name in enumerate(_member_names(shard_file, n)):
-        if len(name) > 100:
-            raise ValueError(f"sample name {name!r} is longer than USTAR's 100 bytes; use a shorter shard name")
-        recs[j, : len(name)] = np.frombuffer(name, np.uint8)
-        recs[j, _CHKSUM] = np.frombuffer(b"%06o\0 " % (base + sum(name)), np.uint8)
+    names = _member_name_array(shard_file, n)
+    if names.shape[1] > 100:
+        raise ValueError(f"sample name {bytes(names[0])!r} is longer than USTAR's 100 bytes; use a shorter shard name")
+    recs[:, : names.shape[1]] = names
+    chk = sum(template) + names.sum(axis=1, dtype=np.int64)  # < 8**6: 512 bytes of at most 255
+    for k in range(6):  # "%06o\0 ": six octal digits, NUL, space
+        recs[:, _CHKSUM.start + 5 - k] = 48 + ((chk >> (3 * k)) & 7)
+    recs[:, _CHKSUM.start + 6 : _CHKSUM.stop] = np.frombuffer(b"\0 ", np.uint8)
     return out.tobytes()
 
 
@@ -148,8 +170,13 @@ def docs_bytes(starts: list[np.ndarray]) -> bytes:
     ``starts[j]``: sorted positions in sample j where a segment begins, always including 0 (the first
     segment may continue a document of the previous sample); a padding tail is a segment of its own.
     """
-    indptr = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int32)
-    arr = np.concatenate([indptr, *[np.asarray(s, dtype=np.int32) for s in starts]]).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum([len(s) for s in starts])])
+    return docs_bytes_csr(indptr, np.concatenate([np.asarray(s, dtype=np.int32) for s in starts] or [np.zeros(0)]))
+
+
+def docs_bytes_csr(indptr: np.ndarray, positions: np.ndarray) -> bytes:
+    """``docs_bytes`` from the starts in compressed form: sample j's are ``positions[indptr[j]:indptr[j + 1]]``."""
+    arr = np.concatenate([np.asarray(indptr, np.int32), np.asarray(positions, np.int32)])
     buf = io.BytesIO()
     np.lib.format.write_array(buf, arr, version=(1, 0), allow_pickle=False)
     return buf.getvalue()
@@ -345,14 +372,14 @@ def _index_fixed_layout(path: str | os.PathLike, expected: int) -> np.ndarray | 
     if expected == 0 or len(raw) < expected * rec:
         return None
     heads = raw.reshape(expected, rec)[:, :_BLOCK]
-    names = b"".join(name.ljust(100, b"\0") for name in _member_names(path, expected))
-    if len(names) != 100 * expected:  # a name over 100 bytes: not what shard_bytes writes
+    names = _member_name_array(path, expected)
+    if names.shape[1] > 100:  # a name over 100 bytes: not what shard_bytes writes
         return None
     template = np.frombuffer(bytes(_ustar_template(size)), np.uint8)
     digits = heads[:, 148:154].astype(np.int64) - ord("0")
     stored = digits @ (8 ** np.arange(5, -1, -1))
     computed = heads.sum(axis=1, dtype=np.int64) - heads[:, _CHKSUM].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    ok = (np.array_equal(heads[:, :100], np.frombuffer(names, np.uint8).reshape(expected, 100))
+    ok = (np.array_equal(heads[:, : names.shape[1]], names) and not heads[:, names.shape[1] : 100].any()
           and np.array_equal(heads[:, 100:148], np.broadcast_to(template[100:148], (expected, 48)))
           and np.array_equal(heads[:, 156:], np.broadcast_to(template[156:], (expected, _BLOCK - 156)))
           and bool(((digits >= 0) & (digits < 8)).all()) and np.array_equal(stored, computed)
