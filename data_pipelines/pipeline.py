@@ -1,7 +1,8 @@
 """Raw text -> packed, tokenized webdataset shards + manifest.json, as partitioned Ray stages.
 
 The input is cut into partitions (files, parquet row-group ranges, byte ranges of jsonl;
-data_pipelines/sources.py). Four stages of Ray tasks (data_pipelines/stages.py; records in records.py), at most ``data.num_workers`` in flight:
+data_pipelines/sources.py). Four stages of Ray tasks (data_pipelines/stages.py; records in records.py), at most ``data.num_workers``
+running at once:
 
 1. scan (one task per partition): read (streamed), normalize, filter (data_pipelines/filters.py),
    hash, decide split and repeats, MinHash (``data.near_dedup``), tokenize; writes the partition's
