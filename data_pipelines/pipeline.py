@@ -1,8 +1,8 @@
 """Raw text -> packed, tokenized webdataset shards + manifest.json, as partitioned Ray stages.
 
 The input is cut into partitions (files, parquet row-group ranges, byte ranges of jsonl;
-data_pipelines/sources.py). Four stages of Ray tasks (data_pipelines/stages.py; records in records.py), at most ``data.num_workers``
-running at once:
+data_pipelines/sources.py). Four stages of Ray tasks (data_pipelines/stages.py; records in records.py), at most
+``data.num_workers`` in flight:
 
 1. scan (one task per partition): read (streamed), normalize, filter (data_pipelines/filters.py),
    hash, decide split and repeats, MinHash (``data.near_dedup``), tokenize; writes the partition's
@@ -126,12 +126,19 @@ def _stop_private_ray(tmp: str) -> None:
     does, so every run would wait that second. It is killed first (what Ray does after the second)."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)  # this driver's node (Ray's own handle)
-    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+    for proc in _private_monitors():
         with contextlib.suppress(OSError):
-            info.process.kill()  # Ray's kill_all_processes then finds it exited
+            proc.kill()  # Ray's kill_all_processes then finds it exited
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _private_monitors() -> list[Any]:
+    """The autoscaler monitor processes (Popen) of the Ray node this driver started; [] for a joined cluster."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle on the node it started
+    return [info.process for info in (getattr(node, "all_processes", None) or {}).get("monitor", [])]
 
 
 class _DropTokenAuthNotice(logging.Filter):
@@ -200,7 +207,7 @@ def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str, float]:
 
 def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers: int, what: str,
               bar: Any = None, tally: dict[str, Any] | None = None) -> list[Any]:
-    """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` running at once; results in call order.
+    """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
 
     ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``), keeps each node's IP address
     (``tally["addresses"]``) and sums the tasks' CPU seconds (``tally["task_cpu_s"]``). A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
@@ -216,15 +223,11 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
     nodes = sorted(n["NodeID"] for n in alive)
     if tally is not None:
         tally.setdefault("addresses", {}).update({n["NodeID"]: n.get("NodeManagerAddress", "") for n in alive})
-    # where the cluster's CPUs already cap the tasks running at once at num_workers (a private Ray), as many
-    # again wait queued in Ray, so a worker starts its next task without a round trip through this driver
-    cpus = sum(n["Resources"]["CPU"] for n in alive)
-    depth = 2 * num_workers if 0 < cpus <= num_workers else num_workers
     pending: dict[Any, int] = {}
     results: dict[int, Any] = {}
     nxt = 0
     while len(results) < len(calls):
-        while nxt < len(calls) and len(pending) < depth:
+        while nxt < len(calls) and len(pending) < num_workers:
             where = NodeAffinitySchedulingStrategy(nodes[nxt % len(nodes)], soft=True) if nodes else "DEFAULT"
             pending[task.options(scheduling_strategy=where).remote(fn, *calls[nxt])] = nxt
             nxt += 1

@@ -287,6 +287,39 @@ def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
     assert json.loads((out / MANIFEST_NAME).read_text()) == ref.manifest
 
 
+STOP_PRIVATE_RAY = """
+import json, os, sys
+from data_pipelines.pipeline import _private_monitors, _start_private_ray, _stop_private_ray
+tmp = _start_private_ray(1)
+mons = _private_monitors()
+before = [(p.poll(), open(f"/proc/{p.pid}/cmdline", "rb").read().decode()) for p in mons]
+_stop_private_ray(tmp)
+left = [p for p in os.listdir("/proc") if p.isdigit() and p != str(os.getpid())
+        and tmp.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+print(json.dumps({"before": before, "after": [p.returncode for p in mons], "tmp": os.path.exists(tmp), "left": left}))
+"""
+
+
+def test_private_ray_stops_with_its_autoscaler_monitor_killed_first():
+    """The private Ray's shutdown kills its autoscaler monitor itself (Ray would wait 1 s for it to honour
+    SIGTERM): the handle on it (Ray's node object) is found, the monitor is the one of this cluster, and after
+    the stop it and every other process of the cluster are gone, with the temp dir."""
+    root = tempfile.mkdtemp(prefix="mdm-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "MEGADIFF_RAY_TMP": root, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        p = subprocess.run([sys.executable, "-c", STOP_PRIVATE_RAY], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    finally:
+        kill_marked(root)
+        shutil.rmtree(root, ignore_errors=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(got["before"]) == 1 and got["before"][0][0] is None  # one monitor, running
+    assert "monitor.py" in got["before"][0][1] and root in got["before"][0][1]
+    assert got["after"] == [-signal.SIGKILL] and not got["tmp"] and got["left"] == []
+
+
 @pytest.mark.slow
 def test_webdataset_reads_the_shards_as_the_loader_does(built):
     """The shards are plain webdataset tars: keys, dtype and tokens through `webdataset` equal ShardDataset's."""
