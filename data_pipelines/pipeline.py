@@ -210,8 +210,9 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
     """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
 
     ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``), keeps each node's IP address
-    (``tally["addresses"]``) and sums the tasks' CPU seconds (``tally["task_cpu_s"]``). A failed task raises MegadiffError at once; outputs that other tasks completed stay (each is
-    written atomically and has its record), so a rerun continues from them.
+    (``tally["addresses"]``) and sums the tasks' CPU seconds (``tally["task_cpu_s"]``). A failed task raises
+    MegadiffError at once; outputs that other tasks completed stay (each is written atomically and has its
+    record), so a rerun continues from them.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -288,7 +288,7 @@ def test_kill_and_resume_recomputes_only_in_flight_partitions(ray_up, tmp_path):
 
 
 STOP_PRIVATE_RAY = """
-import json, os, sys
+import json, os
 from data_pipelines.pipeline import _private_monitors, _start_private_ray, _stop_private_ray
 tmp = _start_private_ray(1)
 mons = _private_monitors()

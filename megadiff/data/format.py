@@ -150,7 +150,8 @@ def shard_bytes(shard_file: str, samples: np.ndarray) -> bytes:
     recs[:, _BLOCK + len(head) : _BLOCK + size] = body
     names = _member_name_array(shard_file, n)
     if names.shape[1] > 100:
-        raise ValueError(f"sample name {bytes(names[0])!r} is longer than USTAR's 100 bytes; use a shorter shard name")
+        raise ValueError(f"sample name {bytes(names[0])!r} is longer than USTAR's 100 bytes; "
+                         "use a shorter shard name")
     recs[:, : names.shape[1]] = names
     chk = sum(template) + names.sum(axis=1, dtype=np.int64)  # < 8**6: 512 bytes of at most 255
     for k in range(6):  # "%06o\0 ": six octal digits, NUL, space
@@ -389,12 +390,13 @@ def _index_fixed_layout(path: str | os.PathLike, expected: int) -> np.ndarray | 
 
 def _index_tarfile(path: str | os.PathLike, expected: int) -> np.ndarray:
     offsets = np.full(expected, -1, dtype=np.int64)
+    names = _member_names(path, expected)
     try:
         with tarfile.open(path, mode="r:") as tar:
             for j, ti in enumerate(tar):
                 if j >= expected:
                     break
-                if ti.name == f"{sample_key(str(path), j)}.npy" and ti.isfile():
+                if ti.name.encode() == names[j] and ti.isfile():
                     offsets[j] = ti.offset_data
     except (tarfile.TarError, EOFError, OSError):
         pass  # the samples indexed so far stay usable; the rest are -1
