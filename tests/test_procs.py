@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 
 from megadiff.utils.procs import kill_marked
@@ -12,10 +13,19 @@ from megadiff.utils.procs import kill_marked
 SLEEP = "import time; time.sleep(120)"
 
 
+def started(p: subprocess.Popen, marker: str) -> subprocess.Popen:
+    """``p`` once its exec is done: right after fork, /proc/<pid>/cmdline still shows this test's command line."""
+    deadline = time.monotonic() + 30
+    while marker.encode() not in open(f"/proc/{p.pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline, f"process {p.pid} did not start"
+        time.sleep(0.01)
+    return p
+
+
 def test_kill_marked_stops_only_the_marked_processes():
     marker = f"/tmp/mdray-{uuid.uuid4().hex}"
-    marked = [subprocess.Popen([sys.executable, "-c", SLEEP, marker]) for _ in range(2)]
-    other = subprocess.Popen([sys.executable, "-c", SLEEP, "/tmp/someone-elses-ray"])
+    marked = [started(subprocess.Popen([sys.executable, "-c", SLEEP, marker]), marker) for _ in range(2)]
+    other = started(subprocess.Popen([sys.executable, "-c", SLEEP, "/tmp/someone-elses-ray"]), "someone-elses-ray")
     try:
         assert kill_marked(marker) == 2
         assert [p.wait(timeout=30) for p in marked] == [-9, -9]
