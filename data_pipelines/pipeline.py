@@ -2,7 +2,7 @@
 
 The input is cut into partitions (files, parquet row-group ranges, byte ranges of jsonl;
 data_pipelines/sources.py). Four stages of Ray tasks (data_pipelines/stages.py; records in records.py), at most
-``data.num_workers`` in flight:
+``data.num_workers`` in flight, the largest partitions first:
 
 1. scan (one task per partition): read (streamed), normalize, filter (data_pipelines/filters.py),
    hash, decide split and repeats, MinHash (``data.near_dedup``), tokenize; writes the partition's
@@ -206,8 +206,12 @@ def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str, float]:
 
 
 def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers: int, what: str,
-              bar: Any = None, tally: dict[str, Any] | None = None) -> list[Any]:
+              bar: Any = None, tally: dict[str, Any] | None = None, weights: list[float] | None = None) -> list[Any]:
     """Run ``fn(*args)`` for each call as Ray tasks, at most ``num_workers`` in flight; results in call order.
+
+    With ``weights`` (an estimate of each call's work) the heaviest calls are submitted first (ties in call
+    order): the stage then ends on its lightest tasks instead of leaving workers idle behind a large one
+    (longest-processing-time-first scheduling).
 
     ``tally`` (if given) counts tasks per Ray node id (``tally["nodes"]``), keeps each node's IP address
     (``tally["addresses"]``) and sums the tasks' CPU seconds (``tally["task_cpu_s"]``). A failed task raises
@@ -224,13 +228,14 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], num_workers:
     nodes = sorted(n["NodeID"] for n in alive)
     if tally is not None:
         tally.setdefault("addresses", {}).update({n["NodeID"]: n.get("NodeManagerAddress", "") for n in alive})
+    order = sorted(range(len(calls)), key=lambda k: -weights[k]) if weights is not None else list(range(len(calls)))
     pending: dict[Any, int] = {}
     results: dict[int, Any] = {}
     nxt = 0
     while len(results) < len(calls):
         while nxt < len(calls) and len(pending) < num_workers:
             where = NodeAffinitySchedulingStrategy(nodes[nxt % len(nodes)], soft=True) if nodes else "DEFAULT"
-            pending[task.options(scheduling_strategy=where).remote(fn, *calls[nxt])] = nxt
+            pending[task.options(scheduling_strategy=where).remote(fn, *calls[order[nxt]])] = order[nxt]
             nxt += 1
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=NO_PROGRESS_TIMEOUT_S)
         if not ready:
@@ -323,8 +328,10 @@ def _make_plan(d: Any, tok_sha: str, ids: dict[str, int], dtype: str) -> _Plan:
 
 
 def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tuple[Any, ...]], fn: Callable[..., Any],
-           d: Any, counts: dict[str, Any], progress: bool) -> list[dict[str, Any]]:
-    """Run the tasks of one stage whose record does not verify; return every task's record."""
+           d: Any, counts: dict[str, Any], progress: bool,
+           weight: Callable[[int], float] | None = None) -> list[dict[str, Any]]:
+    """Run the tasks of one stage whose record does not verify (``weight``: task -> estimated work, largest
+    first); return every task's record."""
     recs = [read_record(record_path(pl.work, name, i), fp) for i, fp in enumerate(fps)]
     todo = [i for i, r in enumerate(recs) if r is None]
     counts["computed"][name], counts["skipped"][name] = len(todo), len(fps) - len(todo)
@@ -334,8 +341,9 @@ def _stage(name: str, fps: list[str], pl: _Plan, make_call: Callable[[int], tupl
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), unit="task", desc=name, dynamic_ncols=True)
-        for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar,
-                                                counts)):
+        weights = [weight(i) for i in todo] if weight is not None else None
+        for i, r in zip(todo, run_tasks(fn, [make_call(i) for i in todo], d.num_workers, name, bar, counts,
+                                        weights)):
             recs[i] = r
         if bar is not None:
             bar.close()
@@ -368,7 +376,7 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
             tok_ref = [ray.put(tok_json)]  # in a list: not resolved per task
             scans = _stage("scan", pl.scan_fp, pl, lambda i: (i, pl.parts[i].spec(), pl.srcs[pl.parts[i].source],
                            {**pl.params, "n_buckets": pl.n_buckets}, tok_ref, tok_sha, work, pl.scan_fp[i]),
-                           scan_partition, d, counts, progress)
+                           scan_partition, d, counts, progress, weight=lambda i: pl.parts[i].nbytes)
             keys = [str(pl.work / f"keys-{i:06d}.npy") for i in range(len(pl.parts))]
             _stage("bucket", pl.bucket_fp, pl, lambda b: (b, keys, work, pl.bucket_fp[b]), dedup_bucket, d, counts,
                    progress)
@@ -378,7 +386,8 @@ def run_pipeline(cfg: Any, progress: bool = True, console: Any = None) -> Pipeli
             drops = str(pl.work / "drops.npy")
             _drop_manifest(out)  # shards are about to change: until the new manifest, the dataset is incomplete
             pack_recs = _stage("pack", pl.pack_fp, pl, lambda i: (i, pl.params, str(out), work, drops,
-                               scans[i]["stats"], pl.pack_fp[i]), pack_partition, d, counts, progress)
+                               scans[i]["stats"], pl.pack_fp[i]), pack_partition, d, counts, progress,
+                               weight=lambda i: scans[i]["stats"]["chars"])
             dedup_stats = clus["stats"]
     else:
         counts["computed"] = {"scan": 0, "bucket": 0, "cluster": 0, "pack": 0}

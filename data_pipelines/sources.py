@@ -16,7 +16,7 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -101,13 +101,17 @@ class Partition:
     stop: int
     size: int
     stamp: str  # modification time (or ETag) of the file
+    # estimated input bytes: for scheduling only (largest first), so not part of the identity (spec)
+    nbytes: int = field(default=0, compare=False)
 
     def label(self) -> str:
         unit = {"parquet": "row groups", "jsonl": "bytes"}.get(self.fmt, "")
         return self.path if self.stop < 0 else f"{self.path} [{unit} {self.start}:{self.stop}]"
 
     def spec(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["nbytes"]
+        return d
 
 
 def _open(path: str) -> IO[bytes]:
@@ -148,13 +152,13 @@ def plan_partitions(source: int, path: str, fmt: str, partition_bytes: int) -> l
         for g in range(meta.num_row_groups):
             acc += meta.row_group(g).total_byte_size
             if acc >= partition_bytes or g == meta.num_row_groups - 1:
-                parts.append(Partition(source, path, fmt, start, g + 1, size, stamp))
+                parts.append(Partition(source, path, fmt, start, g + 1, size, stamp, acc))
                 start, acc = g + 1, 0
         return parts or [Partition(source, path, fmt, 0, 0, size, stamp)]
     if fmt == "jsonl" and not path.endswith((".gz", ".zst")) and size > partition_bytes:
         cuts = list(range(0, size, partition_bytes)) + [size]
-        return [Partition(source, path, fmt, a, b, size, stamp) for a, b in zip(cuts, cuts[1:])]
-    return [Partition(source, path, fmt, 0, -1, size, stamp)]
+        return [Partition(source, path, fmt, a, b, size, stamp, b - a) for a, b in zip(cuts, cuts[1:])]
+    return [Partition(source, path, fmt, 0, -1, size, stamp, size)]
 
 
 # ----------------------------------------------------------------------------- readers

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.cli import main as data_main
-from data_pipelines.pipeline import WORK, run_pipeline
+from data_pipelines.pipeline import WORK, run_pipeline, run_tasks
 from data_pipelines.sources import normalize, read_documents, resolve_paths
 from data_pipelines.stages import _chunks
 from megadiff import MegadiffError
@@ -66,6 +66,23 @@ def built(ray_up, tmp_path_factory):
     r1 = run_pipeline(small_cfg(base / "w1", "data.num_workers=1"), progress=False)
     r2 = run_pipeline(small_cfg(base / "w2", "data.num_workers=2"), progress=False)
     return base, r1, r2
+
+
+def test_run_tasks_submits_the_heaviest_first_and_returns_results_in_call_order(ray_up, tmp_path):
+    log = tmp_path / "order.txt"
+
+    def note(k: int, path: str) -> int:  # pickled by value: runs in a Ray worker
+        with open(path, "a") as f:
+            f.write(f"{k}\n")
+        return 10 * k
+
+    calls = [(k, str(log)) for k in range(5)]
+    # one task in flight at a time: the order they ran in is the order they were submitted in
+    assert run_tasks(note, calls, 1, "test", weights=[3.0, 9.0, 1.0, 9.0, 5.0]) == [0, 10, 20, 30, 40]
+    assert log.read_text().split() == ["1", "3", "4", "0", "2"]  # heaviest first, ties in call order
+    log.unlink()
+    assert run_tasks(note, calls, 1, "test") == [0, 10, 20, 30, 40]
+    assert log.read_text().split() == ["0", "1", "2", "3", "4"]
 
 
 def dir_bytes(d: Path) -> dict[str, bytes]:

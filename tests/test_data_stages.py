@@ -17,7 +17,7 @@ import pytest
 
 from data_pipelines import dedup
 from data_pipelines.filters import FILTERS, apply_filters, build_filters
-from data_pipelines.sources import plan_partitions, read_documents, read_partition
+from data_pipelines.sources import Partition, plan_partitions, read_documents, read_partition
 from data_pipelines.stages import scan_partition
 from megadiff import MegadiffError
 from megadiff.data.tokenizer import to_bytes, toy_tokenizer
@@ -47,6 +47,10 @@ def test_jsonl_byte_ranges_cover_every_line_once(tmp_path):
     f = write_jsonl(tmp_path / "big.jsonl", texts)
     parts = plan_partitions(0, str(f), "auto", 333)
     assert len(parts) == -(-f.stat().st_size // 333) and parts[0].start == 0 and parts[-1].stop == f.stat().st_size
+    # the size estimate that orders the tasks (largest first) is each range's length, and not part of the identity
+    assert [p.nbytes for p in parts] == [p.stop - p.start for p in parts] and sum(p.nbytes for p in parts) == \
+        f.stat().st_size
+    assert "nbytes" not in parts[0].spec() and parts[0] == Partition(**parts[0].spec())
     assert docs_of(f, partition_bytes=333) == texts
     assert docs_of(f, partition_bytes=f.stat().st_size // 2 + 1) == texts
 
@@ -74,10 +78,14 @@ def write_parquet(path: Path, texts: list[str], row_group_size: int) -> Path:
 
 
 def test_parquet_row_group_partitions(tmp_path):
+    import pyarrow.parquet as pq
+
     texts = [f"web page {i} " * (1 + i % 5) for i in range(95)]
     f = write_parquet(tmp_path / "fineweb.parquet", texts, row_group_size=10)
     parts = plan_partitions(0, str(f), "auto", 1)  # every row group its own partition
     assert [(p.start, p.stop) for p in parts] == [(g, g + 1) for g in range(10)]
+    meta = pq.ParquetFile(f).metadata
+    assert [p.nbytes for p in parts] == [meta.row_group(g).total_byte_size for g in range(10)]
     assert docs_of(f, partition_bytes=1) == texts == docs_of(f)
     assert len(plan_partitions(0, str(f), "auto", 1 << 40)) == 1
     with pytest.raises(MegadiffError, match=r"fineweb\.parquet \[row groups 0:1\]: no column 'content' "
