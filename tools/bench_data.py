@@ -26,7 +26,7 @@ wait at a barrier and then time encode_batch_fast alone. The machine's load aver
 after: other jobs on the machine slow every row.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python tools/bench_data.py [--tokenizer gpt2|bpe] [--mb 100] [--rounds 3]
-       [--large 2]   (the defaults take ~40 min on 2 cores)
+       [--large 2]   (the defaults take 40-60 min on 2 cores)
 """
 
 from __future__ import annotations
