@@ -201,6 +201,11 @@ def running_cluster(cpus: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def same_files(ref: Path, out: Path) -> bool:
+    """Every file of the output dir ``out`` equals the file of the same name in ``ref``."""
+    return all((ref / p.name).read_bytes() == p.read_bytes() for p in out.iterdir() if p.is_file())
+
+
 def print_rounds(label: str, rounds: list[dict[str, Any]], n_raw: int) -> None:
     """The rounds' table: per round and the medians of raw, 1 and 2 workers, per worker vs raw, scaling."""
     med = statistics.median
@@ -273,7 +278,7 @@ def main() -> None:
         return n, out
 
     n_raw, rounds = measure(files, "")
-    same = all((work / "w1" / p.name).read_bytes() == p.read_bytes() for p in (work / "w2").iterdir() if p.is_file())
+    same = same_files(work / "w1", work / "w2")
     runs = {"w1half": pipeline("w1half", half, 1)}
     with running_cluster(1) as address:
         runs["w1join"] = pipeline("w1join", files, 1, env_extra={"RAY_ADDRESS": address})
@@ -283,8 +288,7 @@ def main() -> None:
         big_files, big_mb = build_corpus(work / "large", args.mb * args.large)
         n_big, big_rounds = measure(big_files, "large")
         runs["w1large"] = big_rounds[-1]["w1"]
-        same = same and all((work / "w1large" / p.name).read_bytes() == p.read_bytes()
-                            for p in (work / "w2large").iterdir() if p.is_file())
+        same = same and same_files(work / "w1large", work / "w2large")
 
     # 4. resume: kill when half the partitions are scanned, rerun
     n_parts = rounds[-1]["w2"][1]["computed"]["scan"]
@@ -292,8 +296,7 @@ def main() -> None:
     rcfg = write_cfg(work / "resume.yaml", files, work / "resume", tok_path, 2, args.seq_len)
     run_child(rcfg, work, kill_when=n_parts // 2)
     resume_wall, resume_m = run_child(rcfg, work)
-    same_resume = all((work / "w2" / p.name).read_bytes() == p.read_bytes() for p in (work / "resume").iterdir()
-                      if p.is_file())
+    same_resume = same_files(work / "w2", work / "resume")
 
     # 5. loader: the first 3 s (each shard indexed on first use) and the next 3 s
     from bench_shards import loader_rates  # tools/ is this script's directory
